@@ -1,0 +1,1 @@
+"""Benchmark commands (`python -m actalker_jax.bench.<name>`); numbers go to docs/benchmarks.md."""

@@ -1,0 +1,95 @@
+"""UNet step-time benchmark.
+
+    python -m actalker_jax.bench.unet --config tiny                       # CPU: fwd and fwd+bwd of the tiny UNet
+    python -m actalker_jax.bench.unet --config svd_xt --frames 14 --latent 64x64 --dtype bfloat16 --mode forward
+
+Prints the median wall time over `--steps` timed calls after one warm-up/compile call, and on GPU the
+peak device memory. Parameters are random (timing does not depend on their values). Results belong in
+docs/benchmarks.md with date, device and command.
+"""
+
+import argparse
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from actalker_jax.models.unet import UNetConfig, UNetSpatioTemporalConditionModel, count_params
+
+CONFIGS = {"tiny": UNetConfig.tiny, "svd_xt": UNetConfig.svd_xt}
+
+
+def make_inputs(config: UNetConfig, batch: int, frames: int, height: int, width: int, dtype):
+    rng = np.random.default_rng(0)
+    cross = config.cross_attention_dims[0]
+    return (jnp.asarray(rng.standard_normal((batch, frames, height, width, config.in_channels)), dtype),
+            jnp.asarray(rng.uniform(-2, 2, (batch,)), jnp.float32),
+            jnp.asarray(rng.standard_normal((batch, 1, cross)), dtype),
+            jnp.asarray([[6.0, 127.0, 0.02]] * batch, jnp.float32))
+
+
+def time_call(fn, *args, steps: int) -> tuple[float, float]:
+    """(compile+first call seconds, median seconds of `steps` further calls)."""
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    first = time.perf_counter() - start
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - start)
+    return first, statistics.median(times)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m actalker_jax.bench.unet", description=__doc__.split("\n")[0])
+    parser.add_argument("--config", choices=sorted(CONFIGS), default="tiny")
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--frames", type=int, default=4)
+    parser.add_argument("--latent", default="16x16", help="HxW of the latent")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                        help="compute dtype (parameters stay float32)")
+    parser.add_argument("--mode", choices=["forward", "train", "both"], default="both",
+                        help="train = forward + backward (value_and_grad of a mean-square loss)")
+    parser.add_argument("--steps", type=int, default=5)
+    args = parser.parse_args(argv)
+    try:
+        height, width = (int(v) for v in args.latent.lower().split("x"))
+    except ValueError:
+        parser.error(f"--latent must look like 64x64, got {args.latent!r}")
+
+    config = CONFIGS[args.config]()
+    dtype = jnp.dtype(args.dtype)
+    unet = UNetSpatioTemporalConditionModel(config, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=jnp.float32)
+    graphdef, params = nnx.split(unet)
+    inputs = make_inputs(config, args.batch, args.frames, height, width, dtype)
+
+    @jax.jit
+    def forward(params, *inputs):
+        return nnx.merge(graphdef, params)(*inputs)
+
+    @jax.jit
+    def train(params, *inputs):
+        def loss(params):
+            return jnp.mean(jnp.square(nnx.merge(graphdef, params)(*inputs).astype(jnp.float32)))
+        return jax.value_and_grad(loss)(params)
+
+    device = jax.devices()[0]
+    print(f"device: {device.device_kind} ({jax.default_backend()}), jax {jax.__version__}")
+    print(f"config: {args.config} ({count_params(unet):,} params), batch {args.batch}, frames {args.frames}, "
+          f"latent {height}x{width}, compute {args.dtype}")
+    modes = ["forward", "train"] if args.mode == "both" else [args.mode]
+    for mode in modes:
+        first, median = time_call(forward if mode == "forward" else train, params, *inputs, steps=args.steps)
+        print(f"{mode:8s} median {median * 1e3:9.1f} ms over {args.steps} calls (first call incl. compile "
+              f"{first:.1f} s)")
+    stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+    if stats and "peak_bytes_in_use" in stats:
+        print(f"peak device memory: {stats['peak_bytes_in_use'] / 2**30:.2f} GiB")
+
+
+if __name__ == "__main__":
+    main()

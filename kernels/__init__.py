@@ -1,0 +1,1 @@
+"""Custom kernels of actalker_jax, importable as `actalker_jax.kernels`."""

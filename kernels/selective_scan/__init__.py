@@ -1,0 +1,1 @@
+"""Selective scan kernels (issue 4)."""
