@@ -1,6 +1,7 @@
 """diffusers -> Flax conversion: folder loading, loud key errors, Orbax round trip, CLI."""
 
 import os
+import shutil
 import subprocess
 import sys
 
@@ -113,3 +114,23 @@ def test_cli_usage_and_one_line_errors(tmp_path):
     assert bad.returncode == 2
     assert bad.stderr.strip().count("\n") == 0 and "not a directory" in bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+def test_cli_converts_pipeline_with_vae(unet_folder, tmp_path):
+    """A full pipeline folder (unet/ and vae/) -> Orbax -> identical parameters for both models."""
+    from diffusers import AutoencoderKLTemporalDecoder as TorchVAE
+
+    from actalker_jax.models.vae import VAEConfig
+
+    pipeline = tmp_path / "svd"
+    shutil.copytree(unet_folder / "unet", pipeline / "unet")
+    randomize_(TorchVAE(**VAEConfig.tiny().to_diffusers()), seed=1).save_pretrained(pipeline / "vae")
+    out = tmp_path / "converted"
+    assert convert.main(["svd", "--src", str(pipeline), "--out", str(out)]) == 0
+    for name, loader in (("unet", convert.load_diffusers_unet), ("vae", convert.load_diffusers_vae)):
+        loaded, config = convert.load_converted(str(out), name)
+        original, original_config = loader(str(pipeline))
+        assert config == original_config
+        jax.tree.map(np.testing.assert_array_equal, nnx.state(loaded, nnx.Param), nnx.state(original, nnx.Param))
+    vae, _ = convert.load_converted(str(out), "vae", jnp.bfloat16)
+    assert vae.decoder.conv_out.kernel.get_value().dtype == jnp.bfloat16
