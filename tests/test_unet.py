@@ -127,7 +127,7 @@ def test_svd_xt_blocks_shape_check(svd_xt_abstract):
                          jax.ShapeDtypeStruct((1,), jnp.float32), jax.ShapeDtypeStruct((1, 1, 1024), jnp.float32),
                          jax.ShapeDtypeStruct((1, 3), jnp.float32))
     assert out.shape == (1, 14, 64, 64, 4)
-    channels = [b.resnets[0].spatial_res_block.conv1.kernel.value.shape[-1] for b in unet.down_blocks]
+    channels = [b.resnets[0].spatial_res_block.conv1.kernel.get_value().shape[-1] for b in unet.down_blocks]
     assert channels == [320, 640, 1280, 1280]
     without_attention = [b.attentions is None for b in unet.down_blocks]
     assert without_attention == [False, False, False, True]

@@ -18,6 +18,23 @@ from actalker_jax.sharding import LogicalAxes, constrain
 Dtype = jnp.dtype | type
 
 
+class ParamKeys:
+    """Parameter keys derived from one base key by a Python counter: a drop-in for `rngs.params()`.
+
+    Big models take thousands of keys. `nnx.Rngs` updates a counter Variable per key, which under
+    `nnx.eval_shape` costs a slow tracer-sharding query each time (30 s for SVD-xt); model constructors
+    wrap their `rngs` in ParamKeys once and pass it down instead.
+    """
+
+    def __init__(self, rngs: "nnx.Rngs | ParamKeys"):
+        self._key = rngs.params()
+        self._count = 0
+
+    def params(self) -> jax.Array:
+        self._count += 1
+        return jax.random.fold_in(self._key, self._count)
+
+
 def _torch_uniform(key, shape, fan_in, dtype):
     """PyTorch's default init for Linear/Conv weights and biases: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
     bound = 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0
@@ -189,7 +206,8 @@ class Attention(nnx.Module):
     Optional `group_norm` before the projections and a residual connection (the VAE's mid-block
     attention). `processor`, if given, is an extension module called on the query heads that returns
     extra attention output of shape (batch, L, heads, dim_head) added before `to_out` (IP-adapter K/V
-    sets); it receives the `conditions` passed to __call__.
+    sets): `processor(attn, q, conditions, grid)` with the `conditions` and token `grid` (h, w) passed
+    to __call__.
     """
 
     def __init__(self, query_dim: int, *, heads: int, dim_head: int, rngs: nnx.Rngs,
@@ -218,7 +236,8 @@ class Attention(nnx.Module):
         """Scaled dot-product attention on (batch, L, heads, dim_head) inputs (cuDNN flash on GPU)."""
         return jax.nn.dot_product_attention(q, k, v, scale=self.dim_head ** -0.5)
 
-    def __call__(self, x: jax.Array, context: jax.Array | None = None, conditions=None) -> jax.Array:
+    def __call__(self, x: jax.Array, context: jax.Array | None = None, conditions=None,
+                 grid: tuple[int, int] | None = None) -> jax.Array:
         residual = x
         if self.group_norm is not None:
             x = self.group_norm(x[:, :, None, :])[:, :, 0, :]
@@ -226,7 +245,7 @@ class Attention(nnx.Module):
         q = self.split_heads(self.to_q(x))
         out = self.attend(q, self.split_heads(self.to_k(context)), self.split_heads(self.to_v(context)))
         if self.processor is not None:
-            out = out + self.processor(self, q, conditions)
+            out = out + self.processor(self, q, conditions, grid)
         out = constrain(out.reshape(out.shape[:2] + (-1,)), ("batch", "length", "heads"))
         out = self.to_out[0](out)
         return out + residual if self.residual_connection else out

@@ -84,9 +84,11 @@ class BasicTransformerBlock(nnx.Module):
         self.norm3 = LayerNorm(dim, **kw)
         self.ff = FeedForward(dim, rngs=rngs, **kw)
 
-    def __call__(self, x: jax.Array, context: jax.Array, conditions=None) -> jax.Array:
+    def __call__(self, x: jax.Array, context: jax.Array, conditions=None, grid: tuple[int, int] | None = None
+                 ) -> jax.Array:
+        """grid: the (h, w) token grid of x's L tokens (for cross-attention processors)."""
         x = self.attn1(self.norm1(x)) + x
-        x = self.attn2(self.norm2(x), context, conditions) + x
+        x = self.attn2(self.norm2(x), context, conditions, grid) + x
         return constrain(self.ff(self.norm3(x)) + x, TOKEN_AXES)
 
 
@@ -181,7 +183,7 @@ class TransformerSpatioTemporalModel(nnx.Module):
         frame_ids = jnp.tile(jnp.arange(num_frames), batch)
         frame_emb = self.time_pos_embed(timestep_embedding(frame_ids, channels).astype(self.dtype))[:, None, :]
         for i, (block, temporal_block) in enumerate(zip(self.transformer_blocks, self.temporal_transformer_blocks)):
-            h = block(h, encoder_hidden_states, conditions)
+            h = block(h, encoder_hidden_states, conditions, (height, width))
             if self.mamba_blocks is not None and self.mamba_blocks[i] is not None:
                 h = self.mamba_blocks[i](h, encoder_hidden_states=encoder_hidden_states, conditions=conditions,
                                          num_frames=num_frames, grid=(height, width))

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from actalker_jax.models.layers import Conv, Dtype, GroupNorm, TimestepEmbedding, timestep_embedding
+from actalker_jax.models.layers import Conv, Dtype, GroupNorm, ParamKeys, TimestepEmbedding, timestep_embedding
 from actalker_jax.models.resnet import Downsample2D, SpatioTemporalResBlock, Upsample2D
 from actalker_jax.models.transformer import (TEMPORAL_CONTEXTS, SiteIndex, TransformerHooks,
                                              TransformerSpatioTemporalModel)
@@ -241,6 +241,7 @@ class UNetSpatioTemporalConditionModel(nnx.Module):
     def __init__(self, config: UNetConfig, *, rngs: nnx.Rngs, hooks: TransformerHooks = TransformerHooks(),
                  dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32):
         self.config, self.dtype = config, dtype
+        rngs = ParamKeys(rngs)
         kw = dict(dtype=dtype, param_dtype=param_dtype)
         channels = config.block_out_channels
         heads, cross = config.heads_per_block, config.cross_attention_dims

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from actalker_jax.models.layers import Attention, Conv, Dtype, GroupNorm
+from actalker_jax.models.layers import Attention, Conv, Dtype, GroupNorm, ParamKeys
 from actalker_jax.models.resnet import Downsample2D, ResnetBlock2D, SpatioTemporalResBlock, Upsample2D
 from actalker_jax.sharding import constrain
 
@@ -278,6 +278,7 @@ class AutoencoderKLTemporalDecoder(nnx.Module):
 
     def __init__(self, config: VAEConfig, *, rngs: nnx.Rngs, dtype: Dtype = jnp.float32,
                  param_dtype: Dtype = jnp.float32):
+        rngs = ParamKeys(rngs)
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         self.config = config
         self.encoder = Encoder(config, **kw)
