@@ -1,9 +1,15 @@
-"""Test set-up: 8 fake CPU devices for sharding tests (must happen before jax is imported)."""
+"""Test set-up (before jax is imported): CPU, 8 fake devices for sharding tests, fast compiles.
+
+`--xla_backend_optimization_level=0` skips LLVM's optimisation passes: tests are dominated by
+compile time, the generated code stays IEEE-exact (no fast-math), and it halves the suite's time.
+"""
 
 import os
 import sys
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+_FLAGS = ("--xla_force_host_platform_device_count=8", "--xla_backend_optimization_level=0")
+os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", "")] + [
+    f for f in _FLAGS if f.split("=")[0] not in os.environ.get("XLA_FLAGS", "")]).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, os.path.dirname(__file__))
 
