@@ -11,57 +11,52 @@ from actalker_jax.sharding import constrain
 FRAME_AXES = ("batch", None, None, "embed")  # (batch*frames, H, W, C)
 
 
-class ResnetBlock2D(nnx.Module):
-    """diffusers ResnetBlock2D (default time-embedding norm, 32 groups). x: (N, H, W, C_in) -> (N, H, W, C_out)."""
+class _ResnetBlock(nnx.Module):
+    """norm1 -> SiLU -> conv1 (+ projected time embedding) -> norm2 -> SiLU -> conv2, plus a shortcut.
+
+    x: (n, *spatial, C_in) -> (n, *spatial, C_out); temb: (n, [F,] temb_channels) broadcast over the
+    remaining axes of x, or None.
+    """
+
+    KERNEL: tuple[int, ...] = ()
 
     def __init__(self, in_channels: int, out_channels: int, *, temb_channels: int | None, eps: float,
                  rngs: nnx.Rngs, dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32):
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         nkw = dict(dtype=dtype, param_dtype=param_dtype)
         self.norm1 = GroupNorm(32, in_channels, epsilon=eps, **nkw)
-        self.conv1 = Conv(in_channels, out_channels, (3, 3), **kw)
+        self.conv1 = Conv(in_channels, out_channels, self.KERNEL, **kw)
         self.time_emb_proj = (Dense(temb_channels, out_channels, axes=("mlp", "conv_out"), **kw)
                               if temb_channels is not None else None)
         self.norm2 = GroupNorm(32, out_channels, epsilon=eps, **nkw)
-        self.conv2 = Conv(out_channels, out_channels, (3, 3), **kw)
-        self.conv_shortcut = Conv(in_channels, out_channels, (1, 1), **kw) if in_channels != out_channels else None
-
-    def __call__(self, x: jax.Array, temb: jax.Array | None = None) -> jax.Array:
-        """temb: (N, temb_channels) or None."""
-        h = self.conv1(jax.nn.silu(self.norm1(x)))
-        if self.time_emb_proj is not None and temb is not None:
-            h = h + self.time_emb_proj(jax.nn.silu(temb))[:, None, None, :]
-        h = self.conv2(jax.nn.silu(self.norm2(h)))
-        if self.conv_shortcut is not None:
-            x = self.conv_shortcut(x)
-        return constrain(x + h, FRAME_AXES)
-
-
-class TemporalResnetBlock(nnx.Module):
-    """diffusers TemporalResnetBlock: (3, 1, 1) convs over frames. x: (B, F, H, W, C)."""
-
-    def __init__(self, in_channels: int, out_channels: int, *, temb_channels: int | None, eps: float,
-                 rngs: nnx.Rngs, dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32):
-        kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
-        nkw = dict(dtype=dtype, param_dtype=param_dtype)
-        self.norm1 = GroupNorm(32, in_channels, epsilon=eps, **nkw)
-        self.conv1 = Conv(in_channels, out_channels, (3, 1, 1), **kw)
-        self.time_emb_proj = (Dense(temb_channels, out_channels, axes=("mlp", "conv_out"), **kw)
-                              if temb_channels is not None else None)
-        self.norm2 = GroupNorm(32, out_channels, epsilon=eps, **nkw)
-        self.conv2 = Conv(out_channels, out_channels, (3, 1, 1), **kw)
-        self.conv_shortcut = (Conv(in_channels, out_channels, (1, 1, 1), **kw)
+        self.conv2 = Conv(out_channels, out_channels, self.KERNEL, **kw)
+        self.conv_shortcut = (Conv(in_channels, out_channels, (1,) * len(self.KERNEL), **kw)
                               if in_channels != out_channels else None)
 
     def __call__(self, x: jax.Array, temb: jax.Array | None = None) -> jax.Array:
-        """temb: (B, F, temb_channels) or None."""
         h = self.conv1(jax.nn.silu(self.norm1(x)))
         if self.time_emb_proj is not None and temb is not None:
-            h = h + self.time_emb_proj(jax.nn.silu(temb))[:, :, None, None, :]
+            t = self.time_emb_proj(jax.nn.silu(temb))
+            h = h + t.reshape(t.shape[:-1] + (1,) * (h.ndim - t.ndim) + t.shape[-1:])
         h = self.conv2(jax.nn.silu(self.norm2(h)))
         if self.conv_shortcut is not None:
             x = self.conv_shortcut(x)
         return x + h
+
+
+class ResnetBlock2D(_ResnetBlock):
+    """diffusers ResnetBlock2D (default time-embedding norm, 32 groups). x: (N, H, W, C), temb: (N, T)."""
+
+    KERNEL = (3, 3)
+
+    def __call__(self, x: jax.Array, temb: jax.Array | None = None) -> jax.Array:
+        return constrain(super().__call__(x, temb), FRAME_AXES)
+
+
+class TemporalResnetBlock(_ResnetBlock):
+    """diffusers TemporalResnetBlock: (3, 1, 1) convs over frames. x: (B, F, H, W, C), temb: (B, F, T)."""
+
+    KERNEL = (3, 1, 1)
 
 
 class SpatioTemporalResBlock(nnx.Module):

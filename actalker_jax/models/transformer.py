@@ -70,19 +70,26 @@ class SiteIndex:
     attention_index: int = 0
 
 
+def _init_attention_and_ff(block: nnx.Module, dim, num_heads, head_dim, cross_attention_dim, processor, rngs, dtype,
+                           param_dtype) -> None:
+    """norm1/attn1 (self), norm2/attn2 (cross, with the optional processor), norm3/ff: diffusers' block layout."""
+    kw = dict(dtype=dtype, param_dtype=param_dtype)
+    block.norm1 = LayerNorm(dim, **kw)
+    block.attn1 = Attention(dim, heads=num_heads, dim_head=head_dim, rngs=rngs, **kw)
+    block.norm2 = LayerNorm(dim, **kw)
+    block.attn2 = Attention(dim, heads=num_heads, dim_head=head_dim, cross_attention_dim=cross_attention_dim,
+                            processor=processor, rngs=rngs, **kw)
+    block.norm3 = LayerNorm(dim, **kw)
+    block.ff = FeedForward(dim, rngs=rngs, **kw)
+
+
 class BasicTransformerBlock(nnx.Module):
     """diffusers BasicTransformerBlock (layer norms, self-attn, cross-attn, GEGLU ff). x: (N, L, C)."""
 
     def __init__(self, dim: int, num_heads: int, head_dim: int, cross_attention_dim: int, *, rngs: nnx.Rngs,
                  processor: nnx.Module | None = None, dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32):
-        kw = dict(dtype=dtype, param_dtype=param_dtype)
-        self.norm1 = LayerNorm(dim, **kw)
-        self.attn1 = Attention(dim, heads=num_heads, dim_head=head_dim, rngs=rngs, **kw)
-        self.norm2 = LayerNorm(dim, **kw)
-        self.attn2 = Attention(dim, heads=num_heads, dim_head=head_dim, cross_attention_dim=cross_attention_dim,
-                               processor=processor, rngs=rngs, **kw)
-        self.norm3 = LayerNorm(dim, **kw)
-        self.ff = FeedForward(dim, rngs=rngs, **kw)
+        _init_attention_and_ff(self, dim, num_heads, head_dim, cross_attention_dim, processor, rngs, dtype,
+                               param_dtype)
 
     def __call__(self, x: jax.Array, context: jax.Array, conditions=None, grid: tuple[int, int] | None = None
                  ) -> jax.Array:
@@ -102,16 +109,10 @@ class TemporalBasicTransformerBlock(nnx.Module):
 
     def __init__(self, dim: int, num_heads: int, head_dim: int, cross_attention_dim: int, *, rngs: nnx.Rngs,
                  processor: nnx.Module | None = None, dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32):
-        kw = dict(dtype=dtype, param_dtype=param_dtype)
-        self.norm_in = LayerNorm(dim, **kw)
-        self.ff_in = FeedForward(dim, dim_out=dim, rngs=rngs, **kw)
-        self.norm1 = LayerNorm(dim, **kw)
-        self.attn1 = Attention(dim, heads=num_heads, dim_head=head_dim, rngs=rngs, **kw)
-        self.norm2 = LayerNorm(dim, **kw)
-        self.attn2 = Attention(dim, heads=num_heads, dim_head=head_dim, cross_attention_dim=cross_attention_dim,
-                               processor=processor, rngs=rngs, **kw)
-        self.norm3 = LayerNorm(dim, **kw)
-        self.ff = FeedForward(dim, rngs=rngs, **kw)
+        self.norm_in = LayerNorm(dim, dtype=dtype, param_dtype=param_dtype)
+        self.ff_in = FeedForward(dim, dim_out=dim, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        _init_attention_and_ff(self, dim, num_heads, head_dim, cross_attention_dim, processor, rngs, dtype,
+                               param_dtype)
 
     def __call__(self, x: jax.Array, context: jax.Array, conditions=None) -> jax.Array:
         batch, frames, length, channels = x.shape

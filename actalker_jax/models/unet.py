@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from actalker_jax.models.diffusers_config import DiffusersConfig
 from actalker_jax.models.layers import Conv, Dtype, GroupNorm, ParamKeys, TimestepEmbedding, timestep_embedding
 from actalker_jax.models.resnet import Downsample2D, SpatioTemporalResBlock, Upsample2D
 from actalker_jax.models.transformer import (TEMPORAL_CONTEXTS, SiteIndex, TransformerHooks,
@@ -38,11 +39,13 @@ def _per_block(value, n: int, name: str) -> tuple:
 
 
 @dataclasses.dataclass(frozen=True)
-class UNetConfig:
+class UNetConfig(DiffusersConfig):
     """diffusers `UNetSpatioTemporalConditionModel` config keys, plus `temporal_context` (ours).
 
     `temporal_context`: "first_frame" (diffusers / SVD) or "frame_mean" (ACTalker's temporal cross-attention).
     """
+
+    OWN_FIELDS = ("temporal_context",)
 
     sample_size: int | None = None
     in_channels: int = 8
@@ -103,22 +106,6 @@ class UNetConfig:
     def transformer_layers(self) -> tuple[int, ...]:
         return _per_block(self.transformer_layers_per_block, len(self.block_out_channels),
                           "transformer_layers_per_block")
-
-    @classmethod
-    def from_diffusers(cls, config: dict[str, Any], **overrides) -> "UNetConfig":
-        """From a diffusers config.json dict; keys starting with "_" are metadata and ignored."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        values = {k: v for k, v in config.items() if not k.startswith("_")}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"UNetConfig: unknown diffusers config keys {unknown}")
-        return cls(**{**values, **overrides})
-
-    def to_diffusers(self) -> dict[str, Any]:
-        """The diffusers constructor kwargs (without our own `temporal_context`)."""
-        d = dataclasses.asdict(self)
-        d.pop("temporal_context")
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
 
     @classmethod
     def svd_xt(cls, **overrides) -> "UNetConfig":

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from actalker_jax.models.diffusers_config import DiffusersConfig
 from actalker_jax.models.layers import Attention, Conv, Dtype, GroupNorm, ParamKeys
 from actalker_jax.models.resnet import Downsample2D, ResnetBlock2D, SpatioTemporalResBlock, Upsample2D
 from actalker_jax.sharding import constrain
@@ -30,7 +31,7 @@ LOGVAR_RANGE = (-30.0, 20.0)  # diffusers DiagonalGaussianDistribution clamps th
 
 
 @dataclasses.dataclass(frozen=True)
-class VAEConfig:
+class VAEConfig(DiffusersConfig):
     """diffusers `AutoencoderKLTemporalDecoder` config keys (same defaults as diffusers).
 
     `sample_size` and `force_upcast` do not change the model; they are kept for round-trips, and
@@ -70,23 +71,6 @@ class VAEConfig:
     def downsample_factor(self) -> int:
         """Image pixels per latent pixel along each side: 2 ** (number of blocks - 1)."""
         return 2 ** (len(self.block_out_channels) - 1)
-
-    @classmethod
-    def from_diffusers(cls, config: dict[str, Any], **overrides) -> "VAEConfig":
-        """From a diffusers config.json dict; keys starting with "_" are metadata and ignored."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        values = {k: v for k, v in config.items() if not k.startswith("_")}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"VAEConfig: unknown diffusers config keys {unknown}")
-        return cls(**{**values, **overrides})
-
-    def to_diffusers(self) -> dict[str, Any]:
-        """The diffusers constructor kwargs."""
-        d = dataclasses.asdict(self)
-        d["down_block_types"] = list(self.down_block_types)
-        d["block_out_channels"] = list(self.block_out_channels)
-        return d
 
     @classmethod
     def svd(cls) -> "VAEConfig":
