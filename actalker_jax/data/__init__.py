@@ -1,0 +1,1 @@
+"""Data: clip records, preprocessing, synthetic talking faces, the grain input pipeline."""
