@@ -19,6 +19,9 @@ def _kernel_packages():
 
 kernel_packages = _kernel_packages()
 
+# Preprocessing and the TFDS source (tests exercise them, so the test extra includes them).
+DATA_EXTRAS = ["array-record", "tensorflow-datasets", "importlib_resources"]
+
 setup(
     name="actalker_jax",
     version="0.1.0",
@@ -42,8 +45,8 @@ setup(
         "safetensors",
     ],
     extras_require={
-        "test": ["pytest", "torch==2.13.0", "diffusers", "transformers"],
+        "test": ["pytest", "torch==2.13.0", "diffusers", "transformers"] + DATA_EXTRAS,
         "gpu": ["jax[cuda12]"],
-        "data": [],
+        "data": DATA_EXTRAS,
     },
 )
