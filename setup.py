@@ -19,8 +19,8 @@ def _kernel_packages():
 
 kernel_packages = _kernel_packages()
 
-# Preprocessing and the TFDS source (tests exercise them, so the test extra includes them).
-DATA_EXTRAS = ["array-record", "tensorflow-datasets", "importlib_resources"]
+# Preprocessing, synthetic data and the TFDS source (tests exercise them, so the test extra includes them).
+DATA_EXTRAS = ["array-record", "tensorflow-datasets", "importlib_resources", "av", "scipy"]
 
 setup(
     name="actalker_jax",

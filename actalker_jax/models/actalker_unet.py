@@ -5,7 +5,8 @@
                motion_tokens (B, F, 1, Dc), added_time_ids (B, 3), *, pose_feature=None | (B, h, w, C0) |
                (B, F, h, w, C0), mask_audio (B, H, W), mask_motion (B, H, W)) -> (B, F, h, w, 4)
 
-Tokens arrive already gated (the official UNet contract); masks are at image resolution H = 8h.
+Tokens arrive already gated (the official UNet contract); masks are at image resolution, H = f*h for the
+autoencoder's factor f (8 for the SVD VAE; the demo's pixel-unshuffle uses 4).
 PCM layers sit in the 15 cross-attention down/up transformers (not in the mid block); IP-adapters in
 all 32 attn2 layers (spatial and temporal, mid block included). ACTalker's temporal cross-attention
 context is the frame mean (spec §2.4): use `temporal_context="frame_mean"` in the UNetConfig (the
@@ -100,13 +101,14 @@ class ACTalkerUNet(UNetSpatioTemporalConditionModel):
                  motion_tokens: jax.Array, added_time_ids: jax.Array, *, pose_feature: jax.Array | None = None,
                  mask_audio: jax.Array, mask_motion: jax.Array) -> jax.Array:
         batch, frames, height, width, _ = sample.shape
-        image_hw = (8 * height, 8 * width)
         for name, tokens in (("audio_tokens", audio_tokens), ("motion_tokens", motion_tokens)):
             if tokens.ndim != 4 or tokens.shape[:2] != (batch, frames):
                 raise ValueError(f"{name} must be (B={batch}, F={frames}, n, Dc), got {tokens.shape}")
         for name, mask in (("mask_audio", mask_audio), ("mask_motion", mask_motion)):
-            if mask.shape != (batch,) + image_hw:
-                raise ValueError(f"{name} must be (B, H, W) = {(batch,) + image_hw} (8x the latent), got {mask.shape}")
+            if (mask.ndim != 3 or mask.shape[0] != batch or mask.shape[1] % height or mask.shape[2] % width
+                    or mask.shape[1] // height != mask.shape[2] // width):
+                raise ValueError(f"{name} must be (B={batch}, H, W) at image resolution, an integer multiple of the "
+                                 f"latent {(height, width)} (8x for the SVD VAE), got {mask.shape}")
         if pose_feature is not None:
             if pose_feature.ndim == 4:
                 pose_feature = jnp.broadcast_to(pose_feature[:, None], (batch, frames) + pose_feature.shape[1:])
