@@ -1,0 +1,38 @@
+"""Elementwise pieces shared by every selective-scan implementation.
+
+All functions here are plain `jax.numpy` and lower inside Pallas kernels too.
+"""
+import jax
+import jax.numpy as jnp
+
+# Above this argument softplus(x) == x in float32 (the threshold mamba-ssm uses).
+SOFTPLUS_THRESHOLD = 20.0
+
+
+def softplus(x):
+    """log(1 + exp(x)), exact to float32 rounding for every x."""
+    return jnp.where(x > SOFTPLUS_THRESHOLD, x, jnp.log1p(jnp.exp(jnp.minimum(x, SOFTPLUS_THRESHOLD))))
+
+
+def step_size(delta, delta_bias, valid, delta_softplus):
+    """dt = softplus(delta + delta_bias), 0 where not `valid`; float32.
+
+    delta: (..., D); delta_bias: (D,); valid: bool broadcastable to delta[..., :1].
+    """
+    x = delta.astype(jnp.float32) + delta_bias
+    dt = softplus(x) if delta_softplus else x
+    return jnp.where(valid, dt, 0.0)
+
+
+def step_size_grad(delta, delta_bias, valid, delta_softplus):
+    """d dt / d delta for `step_size` (0 where not `valid`); float32."""
+    if not delta_softplus:
+        return jnp.where(valid, 1.0, 0.0)
+    return jnp.where(valid, jax.nn.sigmoid(delta.astype(jnp.float32) + delta_bias), 0.0)
+
+
+def silu_and_grad(z):
+    """(silu(z), silu'(z)) in float32."""
+    z = z.astype(jnp.float32)
+    sig = jax.nn.sigmoid(z)
+    return z * sig, sig * (1.0 + z * (1.0 - sig))

@@ -1,0 +1,48 @@
+"""impl="xla" forward+backward never materialises a (batch, L, D, N) tensor (peak RSS in a subprocess)."""
+import subprocess
+import sys
+
+import pytest
+
+LENGTH, DIM, NSTATE = 16384, 128, 64
+FULL_STATE_MIB = LENGTH * DIM * NSTATE * 4 / 2**20  # one float32 (1, L, D, N) tensor: 512 MiB
+
+SCRIPT = """
+import resource, sys
+import jax, jax.numpy as jnp
+from actalker_jax.kernels.selective_scan import selective_scan
+
+def run(impl, length, dim, nstate):
+    k = jax.random.split(jax.random.PRNGKey(0), 6)
+    u, delta, z = (jax.random.normal(k[i], (1, length, dim)) for i in (0, 1, 2))
+    A = -jnp.exp(jax.random.normal(k[3], (dim, nstate)))
+    B, C = (jax.random.normal(k[i], (1, length, nstate)) for i in (4, 5))
+    loss = lambda *a: jnp.sum(selective_scan(*a[:5], None, a[5], impl=impl))
+    grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4, 5)))(u, delta, A, B, C, z)
+    jax.block_until_ready(grads)
+
+impl, length, dim, nstate = sys.argv[1], *map(int, sys.argv[2:5])
+run(impl, length // 8, dim, nstate)  # baseline: the same program structure at 1/8 of the length
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+run(impl, length, dim, nstate)
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024)
+"""
+
+
+def peak_rss_growth_mib(impl, cwd):
+    """Peak RSS growth (MiB) of a fresh process from fwd+bwd at length LENGTH/8 to length LENGTH."""
+    out = subprocess.run(
+        [sys.executable, "-c", SCRIPT, impl, str(LENGTH), str(DIM), str(NSTATE)],
+        capture_output=True, text=True, check=True, timeout=600, cwd=cwd,
+    )
+    return float(out.stdout.split()[-1])
+
+
+@pytest.mark.parametrize(
+    "impl, materialises",
+    [("xla", False), ("reference", True)],  # the reference stores every (D, N) state: the check must see it
+)
+def test_forward_backward_peak_memory(impl, materialises, tmp_path):
+    growth = peak_rss_growth_mib(impl, tmp_path)
+    # Materialising (1, L, D, N) float32 adds 7/8 of FULL_STATE_MIB between the two lengths.
+    assert (growth > FULL_STATE_MIB * 7 / 16) == materialises, f"{impl}: peak RSS grew {growth:.0f} MiB"
