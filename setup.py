@@ -20,7 +20,8 @@ def _kernel_packages():
 kernel_packages = _kernel_packages()
 
 # Preprocessing, synthetic data and the TFDS source (tests exercise them, so the test extra includes them).
-DATA_EXTRAS = ["array-record", "tensorflow-datasets", "importlib_resources", "av", "scipy"]
+DATA_EXTRAS = ["array-record", "tensorflow-datasets", "importlib_resources", "av", "scipy", "dlib-bin",
+               "face-recognition-models", "opencv-python-headless", "scikit-image", "tqdm", "transformers"]
 
 setup(
     name="actalker_jax",

@@ -1,0 +1,238 @@
+"""EDM math shared by training and sampling (spec §5, §6): SVD's v-prediction preconditioning, the training
+noise and loss, the Karras/Euler sampler of diffusers' `EulerDiscreteScheduler` (SVD-xt config) and the
+nested 4-branch guidance. Pure jax.numpy, jit-friendly; no model code.
+
+Latent scale. Records hold *unscaled* VAE means z. The diffusion runs on x = latent_scale·z:
+    training: x0 = scale_latents(z); x_noisy = x0 + σ·ε (`add_noise`);
+    model:    sample = [x_noisy·c_in ; z_ref] (`model_inputs`), the reference latent z_ref stays UNscaled (spec §4);
+    sampling: x_T = latent_scale·z_ref + σ_max·ε (`init_latents`), Euler steps on x, decode unscale_latents(x_0).
+
+Preconditioning (σ broadcasts over the non-batch axes of x):
+    c_in = 1/√(σ²+1), c_noise = ¼·ln σ, c_skip = 1/(σ²+1), c_out = −σ/√(σ²+1), x̂0 = c_skip·x + c_out·F.
+With x = x0 + σ·ε the exact network target is F* = (ε − σ·x0)/√(σ²+1) (`v_target`), and the EDM-weighted
+x̂0 loss (σ²+1)/σ²·(x̂0 − x0)² equals the plain v-space loss (F − F*)².
+
+Sampling loop (one window; `model` is the ACTalker model, guidance over 4 stacked branches):
+    sigmas = karras_sigmas(config)                                    # (26,) 700 ... 0.002, 0
+    x = init_latents(key, latent_scale·z_ref repeated over F, shape, config)
+    for i in range(config.num_steps):
+        sample, t = model_inputs(x, z_ref, sigmas[i])
+        out = model(repeat_branches(sample), repeat_branches(t), ..., **guidance_batch(B))   # (4B,F,h,w,c)
+        F = guided_denoised(split_branches(out), config.guidance_scales)
+        x = euler_step(x, denoised(F, x, sigmas[i]), sigmas[i], sigmas[i + 1])
+"""
+
+import dataclasses
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+NUM_BRANCHES = 4
+
+
+@dataclasses.dataclass(frozen=True)
+class EDMConfig:
+    """Training noise (spec §5), sampler (spec §6) and guidance scales (appearance, audio, motion).
+
+    offset_per_channel: False (default, the official `noise_util.random_noise` on (B,F,C,H,W) latents) draws one
+    offset per (sample, frame), shape (B,F,1,1,1), shared by h, w and the channels; True draws (B,F,1,1,c).
+    """
+
+    p_mean: float = 0.7
+    p_std: float = 1.6
+    noise_offset: float = 0.05
+    offset_per_channel: bool = False
+    latent_scale: float = 0.18215
+    sigma_min: float = 0.002
+    sigma_max: float = 700.0
+    rho: float = 7.0
+    num_steps: int = 25
+    guidance_appearance: float = 2.0
+    guidance_audio: float = 7.5
+    guidance_motion: float = 3.0
+
+    @property
+    def guidance_scales(self) -> tuple[float, float, float]:
+        """(s1, s2, s3) = (appearance, audio, motion) for `guided_denoised`."""
+        return (self.guidance_appearance, self.guidance_audio, self.guidance_motion)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "EDMConfig":
+        return cls(**values)
+
+
+class Preconditioning(NamedTuple):
+    """SVD v-prediction coefficients, each shaped like the σ they were computed from."""
+
+    c_skip: jax.Array
+    c_out: jax.Array
+    c_in: jax.Array
+    c_noise: jax.Array
+
+
+def scale_latents(latents: jax.Array, config: EDMConfig) -> jax.Array:
+    """Unscaled VAE latents (records, reference) -> diffusion space: latent_scale·z."""
+    return latents * config.latent_scale
+
+
+def unscale_latents(latents: jax.Array, config: EDMConfig) -> jax.Array:
+    """Diffusion-space latents -> VAE decoder input: x / latent_scale."""
+    return latents / config.latent_scale
+
+
+def expand_sigma(sigma: jax.Array, ndim: int) -> jax.Array:
+    """σ () or (B,) -> () or (B, 1, ..., 1) with `ndim` axes, to broadcast against a (B, ...) array."""
+    sigma = jnp.asarray(sigma, jnp.float32)
+    return sigma if sigma.ndim == 0 else sigma.reshape(sigma.shape + (1,) * (ndim - sigma.ndim))
+
+
+def preconditioning(sigma: jax.Array) -> Preconditioning:
+    """σ (any shape) -> (c_skip, c_out, c_in, c_noise), float32."""
+    sigma = jnp.asarray(sigma, jnp.float32)
+    norm = jnp.sqrt(sigma**2 + 1.0)
+    return Preconditioning(c_skip=1.0 / (sigma**2 + 1.0), c_out=-sigma / norm, c_in=1.0 / norm,
+                           c_noise=0.25 * jnp.log(sigma))
+
+
+def denoised(model_output: jax.Array, x: jax.Array, sigma: jax.Array) -> jax.Array:
+    """x̂0 = c_skip·x + c_out·F. model_output F, x (B, ...); σ () or (B,). Returns float32 (B, ...)."""
+    c = preconditioning(expand_sigma(sigma, x.ndim))
+    return c.c_skip * x.astype(jnp.float32) + c.c_out * model_output.astype(jnp.float32)
+
+
+def v_target(x0: jax.Array, noise: jax.Array, sigma: jax.Array) -> jax.Array:
+    """The network output F* with denoised(F*, x0 + σ·noise, σ) = x0: (noise − σ·x0)/√(σ²+1). Shapes (B, ...)."""
+    sigma = expand_sigma(sigma, x0.ndim)
+    return (noise.astype(jnp.float32) - sigma * x0.astype(jnp.float32)) / jnp.sqrt(sigma**2 + 1.0)
+
+
+def sample_sigmas(key: jax.Array, batch: int, config: EDMConfig) -> jax.Array:
+    """Training noise levels (B,) float32: ln σ ~ N(p_mean, p_std²)."""
+    return jnp.exp(config.p_mean + config.p_std * jax.random.normal(key, (batch,), jnp.float32))
+
+
+def offset_noise(key: jax.Array, shape: tuple[int, ...], config: EDMConfig) -> jax.Array:
+    """Training noise (B,F,h,w,c) float32: ε + noise_offset·ε_offset.
+
+    ε ~ N(0, I) of `shape`; ε_offset ~ N(0, I) of shape (B,F,1,1,1) (or (B,F,1,1,c) with offset_per_channel),
+    broadcast over h, w (and c). key is split into (ε key, ε_offset key) in that order.
+    """
+    key_noise, key_offset = jax.random.split(key)
+    noise = jax.random.normal(key_noise, shape, jnp.float32)
+    if config.noise_offset == 0.0:
+        return noise
+    offset_shape = tuple(shape[:2]) + (1,) * (len(shape) - 3) + ((shape[-1],) if config.offset_per_channel else (1,))
+    return noise + config.noise_offset * jax.random.normal(key_offset, offset_shape, jnp.float32)
+
+
+def add_noise(key: jax.Array, x0: jax.Array, sigma: jax.Array, config: EDMConfig) -> tuple[jax.Array, jax.Array]:
+    """x0 (B,F,h,w,c) scaled latents, σ (B,) -> (x_noisy = x0 + σ·ε, ε), both float32 (B,F,h,w,c).
+
+    ε is `offset_noise(key, x0.shape, config)`; the returned ε is what `v_target` needs.
+    """
+    noise = offset_noise(key, x0.shape, config)
+    return x0.astype(jnp.float32) + expand_sigma(sigma, x0.ndim) * noise, noise
+
+
+def loss_weight(sigma: jax.Array) -> jax.Array:
+    """EDM x̂0-loss weight (σ²+1)/σ², shaped like σ."""
+    sigma = jnp.asarray(sigma, jnp.float32)
+    return (sigma**2 + 1.0) / sigma**2
+
+
+def denoising_loss(model_output: jax.Array, x_noisy: jax.Array, x0: jax.Array,
+                   sigma: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Weighted x̂0 MSE. model_output F, x_noisy, x0 (B, ...); σ (B,) -> (per-sample loss (B,), batch mean ())."""
+    error = (denoised(model_output, x_noisy, sigma) - x0.astype(jnp.float32)) ** 2
+    per_sample = loss_weight(sigma) * jnp.mean(error, axis=tuple(range(1, error.ndim)))
+    return per_sample, jnp.mean(per_sample)
+
+
+def model_inputs(x_noisy: jax.Array, ref_latent: jax.Array, sigma: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Model `sample` and `timestep`: ([x_noisy·c_in ; ref] (B,F,h,w,2c), c_noise (B,)).
+
+    x_noisy (B,F,h,w,c) in diffusion space; ref_latent the UNscaled reference latent, (B,h,w,c) (repeated over F
+    here) or already (B,F,h,w,c); σ () or (B,). The sample has x_noisy's dtype.
+    """
+    batch, frames = x_noisy.shape[:2]
+    c = preconditioning(expand_sigma(sigma, x_noisy.ndim))
+    if ref_latent.ndim == x_noisy.ndim - 1:
+        ref_latent = jnp.broadcast_to(ref_latent[:, None], (batch, frames) + ref_latent.shape[1:])
+    scaled = (x_noisy.astype(jnp.float32) * c.c_in).astype(x_noisy.dtype)
+    sample = jnp.concatenate([scaled, ref_latent.astype(x_noisy.dtype)], axis=-1)
+    timestep = jnp.broadcast_to(preconditioning(sigma).c_noise, (batch,))
+    return sample, timestep
+
+
+def karras_sigmas(config: EDMConfig) -> jax.Array:
+    """(num_steps + 1,) float32: Karras ρ-schedule from σ_max down to σ_min, then 0.
+
+    Computed in float64 numpy from the static config and cast to float32, as diffusers'
+    `EulerDiscreteScheduler(use_karras_sigmas=True, sigma_min, sigma_max)` does after `set_timesteps(num_steps)`.
+    """
+    ramp = np.linspace(0.0, 1.0, config.num_steps)
+    max_inv_rho = config.sigma_max ** (1.0 / config.rho)
+    min_inv_rho = config.sigma_min ** (1.0 / config.rho)
+    sigmas = (max_inv_rho + ramp * (min_inv_rho - max_inv_rho)) ** config.rho
+    return jnp.asarray(np.concatenate([sigmas, [0.0]]).astype(np.float32))
+
+
+def euler_step(x: jax.Array, x0_pred: jax.Array, sigma: jax.Array, sigma_next: jax.Array) -> jax.Array:
+    """Deterministic Euler (s_churn = 0): x + (x − x̂0)/σ·(σ_next − σ). x, x̂0 (B, ...); σ () or (B,). float32."""
+    sigma = expand_sigma(sigma, x.ndim)
+    sigma_next = expand_sigma(sigma_next, x.ndim)
+    x = x.astype(jnp.float32)
+    return x + (x - x0_pred.astype(jnp.float32)) / sigma * (sigma_next - sigma)
+
+
+def init_latents(key: jax.Array, ref_latent_scaled: jax.Array, shape: tuple[int, ...],
+                 config: EDMConfig) -> jax.Array:
+    """Sampling start (spec §6): latent_scale·E(ref) + σ_0·ε, float32 `shape` (B,F,h,w,c).
+
+    ref_latent_scaled: the scaled reference latent, broadcastable to `shape` (repeated over frames by the caller).
+    σ_0 = karras_sigmas(config)[0] (= σ_max in float32), as diffusers' `add_noise` at timesteps[0].
+    """
+    sigma_0 = karras_sigmas(config)[0]
+    noise = jax.random.normal(key, shape, jnp.float32)
+    return jnp.broadcast_to(ref_latent_scaled.astype(jnp.float32), shape) + sigma_0 * noise
+
+
+def guided_denoised(branches: jax.Array, scales: tuple[float, float, float]) -> jax.Array:
+    """Nested guidance ε0 + s1(ε1−ε0) + s2(ε2−ε1) + s3(ε3−ε2). branches (4, B, ...) -> (B, ...).
+
+    The sampler combines the network outputs F of the 4 branches (as the official pipeline combines its
+    `noise_pred`) and then computes x̂0 once. The weights sum to 1 and x̂0 = c_skip·x + c_out·F is affine in F
+    with branch-independent c_skip·x, so combining the 4 x̂0 instead gives the same result.
+    """
+    s1, s2, s3 = scales
+    e0, e1, e2, e3 = branches[0], branches[1], branches[2], branches[3]
+    return e0 + s1 * (e1 - e0) + s2 * (e2 - e1) + s3 * (e3 - e2)
+
+
+def guidance_batch(batch: int) -> dict[str, jax.Array]:
+    """The model's drop flags for the 4 branches stacked branch-major: each (4B,) bool.
+
+    ε0: drop appearance, audio and motion; ε1: real appearance, uncond audio and motion; ε2: + cond audio;
+    ε3: + cond motion. Pair with `repeat_branches` on the inputs and `split_branches` on the output.
+    """
+    def flags(per_branch):
+        return jnp.repeat(jnp.asarray(per_branch, jnp.bool_), batch)
+
+    return dict(drop_appearance=flags([True, False, False, False]),
+                drop_audio=flags([True, True, False, False]),
+                drop_motion=flags([True, True, True, False]))
+
+
+def repeat_branches(tree: Any) -> Any:
+    """Every (B, ...) array of a pytree -> (4B, ...), branch-major (the 4 copies of the batch in a row)."""
+    return jax.tree.map(lambda a: jnp.concatenate([jnp.asarray(a)] * NUM_BRANCHES, axis=0), tree)
+
+
+def split_branches(output: jax.Array) -> jax.Array:
+    """Model output (4B, ...) -> (4, B, ...) for `guided_denoised`."""
+    return output.reshape((NUM_BRANCHES, output.shape[0] // NUM_BRANCHES) + output.shape[1:])
