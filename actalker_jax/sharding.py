@@ -92,18 +92,45 @@ def _fit_spec(shape: tuple[int, ...], spec: PartitionSpec, mesh: Mesh) -> Partit
     return PartitionSpec(*fitted)
 
 
-def param_specs(state, rules: Rules = DEFAULT_RULES, mesh: Mesh | None = None):
-    """PartitionSpecs for an nnx.State of parameters, from each Variable's `logical_axes` metadata.
+def variable_spec(variable, rules: Rules = DEFAULT_RULES, mesh: Mesh | None = None) -> PartitionSpec:
+    """PartitionSpec of one nnx Variable from its `logical_axes` metadata.
 
-    With `mesh`, axes that do not divide a dimension are dropped (small or odd-sized parameters
-    stay replicated along that mesh axis).
+    With `mesh`, axes that do not divide a dimension are dropped (small or odd-sized parameters stay
+    replicated along that mesh axis).
     """
+    value = variable.get_value() if hasattr(variable, "get_value") else variable.value
+    axes = variable.get_metadata().get("logical_axes") or (None,) * len(value.shape)
+    spec = logical_to_spec(axes, rules)
+    return _fit_spec(value.shape, spec, mesh) if mesh is not None else spec
+
+
+def param_specs(state, rules: Rules = DEFAULT_RULES, mesh: Mesh | None = None):
+    """PartitionSpecs for an nnx.State of parameters (same tree, a spec per Variable); see `variable_spec`."""
     from flax import nnx  # local: keeps this module importable without flax for launch scripts
 
-    def spec_of(variable):
-        value = variable.get_value() if hasattr(variable, "get_value") else variable.value
-        axes = variable.get_metadata().get("logical_axes") or (None,) * len(value.shape)
-        spec = logical_to_spec(axes, rules)
-        return _fit_spec(value.shape, spec, mesh) if mesh is not None else spec
+    return jax.tree.map(lambda v: variable_spec(v, rules, mesh), state, is_leaf=lambda v: isinstance(v, nnx.Variable))
 
-    return jax.tree.map(spec_of, state, is_leaf=lambda v: isinstance(v, nnx.Variable))
+
+def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices=None) -> Mesh:
+    """A ("data", "fsdp", "tensor") mesh over all devices; one axis may be -1 (whatever is left).
+
+    Raises ValueError naming the sizes when they do not multiply to the device count.
+    """
+    import numpy as np
+
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = [data, fsdp, tensor]
+    if sizes.count(-1) > 1:
+        raise ValueError(f"mesh: at most one axis may be -1, got data={data}, fsdp={fsdp}, tensor={tensor}")
+    if any(s == 0 or s < -1 for s in sizes):
+        raise ValueError(f"mesh: axis sizes must be positive or -1, got data={data}, fsdp={fsdp}, tensor={tensor}")
+    known = int(np.prod([s for s in sizes if s != -1]))
+    if -1 in sizes:
+        if len(devices) % known:
+            raise ValueError(f"mesh: {len(devices)} devices are not divisible by fsdp*tensor*data = {known} "
+                             f"(data={data}, fsdp={fsdp}, tensor={tensor})")
+        sizes[sizes.index(-1)] = len(devices) // known
+    if int(np.prod(sizes)) != len(devices):
+        raise ValueError(f"mesh: data*fsdp*tensor = {sizes[0]}*{sizes[1]}*{sizes[2]} = {int(np.prod(sizes))} "
+                         f"does not match the {len(devices)} devices")
+    return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES)

@@ -12,19 +12,22 @@ import resource, sys
 import jax, jax.numpy as jnp
 from actalker_jax.kernels.selective_scan import selective_scan
 
-def run(impl, length, dim, nstate):
+def prepare(impl, length, dim, nstate):
     k = jax.random.split(jax.random.PRNGKey(0), 6)
     u, delta, z = (jax.random.normal(k[i], (1, length, dim)) for i in (0, 1, 2))
     A = -jnp.exp(jax.random.normal(k[3], (dim, nstate)))
     B, C = (jax.random.normal(k[i], (1, length, nstate)) for i in (4, 5))
     loss = lambda *a: jnp.sum(selective_scan(*a[:5], None, a[5], impl=impl))
-    grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4, 5)))(u, delta, A, B, C, z)
-    jax.block_until_ready(grads)
+    args = (u, delta, A, B, C, z)
+    return jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4, 5))).lower(*args).compile(), args
 
 impl, length, dim, nstate = sys.argv[1], *map(int, sys.argv[2:5])
-run(impl, length // 8, dim, nstate)  # baseline: the same program structure at 1/8 of the length
+# Compile both programs first, so that compiler memory is in the baseline, not in the growth.
+small, small_args = prepare(impl, length // 8, dim, nstate)
+large, large_args = prepare(impl, length, dim, nstate)
+jax.block_until_ready(small(*small_args))
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-run(impl, length, dim, nstate)
+jax.block_until_ready(large(*large_args))
 print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024)
 """
 

@@ -178,3 +178,20 @@ class ACTalkerModel(nnx.Module):
         return self.unet(sample, timestep, tokens["id_tokens"], tokens["audio_tokens"], tokens["motion_tokens"],
                          added_time_ids, pose_feature=pose_feature,
                          mask_audio=mask_audio * gates[:, 0, None, None], mask_motion=mask_motion * gates[:, 1, None, None])
+
+
+def face_box_image(face_box: jax.Array, size: tuple[int, int], scale: float = 1.0) -> jax.Array:
+    """The pose guider's input: (B, 4) boxes x0, y0, x1, y1 (pixels) -> (B, H, W, 3) images, 1 inside the box.
+
+    `scale` enlarges each box about its centre (the official inference uses 1.2). A pixel is inside when
+    its centre is.
+    """
+    height, width = size
+    centre = (face_box[:, :2] + face_box[:, 2:]) / 2
+    half = (face_box[:, 2:] - face_box[:, :2]) * scale / 2
+    x = jnp.arange(width, dtype=jnp.float32) + 0.5
+    y = jnp.arange(height, dtype=jnp.float32) + 0.5
+    inside_x = jnp.abs(x[None, :] - centre[:, 0:1]) <= half[:, 0:1]
+    inside_y = jnp.abs(y[None, :] - centre[:, 1:2]) <= half[:, 1:2]
+    box = (inside_y[:, :, None] & inside_x[:, None, :]).astype(jnp.float32)
+    return jnp.broadcast_to(box[..., None], box.shape + (3,))

@@ -1,0 +1,331 @@
+"""Training: `python -m actalker_jax.train --config configs/X.py[:arg] --workdir DIR [--config.key=value ...]`.
+
+One flat loop, banner-sectioned (big_vision style): distributed set-up, mesh, data, model + optimizer
+created sharded, checkpoint restore, jitted train step, loop with checkpoints, logging and a final summary.
+Re-running the same command resumes from the newest complete checkpoint in `--workdir`.
+"""
+
+import dataclasses
+import json
+import os
+import re
+import signal
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import app, flags, logging
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+from ml_collections import config_flags
+
+from actalker_jax import diffusion, optim, sharding
+from actalker_jax.data import pipeline
+from actalker_jax.models.actalker import ACTalkerConfig, ACTalkerModel, face_box_image
+from actalker_jax.models.actalker_unet import PCMConfig
+from actalker_jax.models.unet import UNetConfig
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file (configs/*.py[:arg]).",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, logs and data of the run go.")
+
+
+@dataclasses.dataclass
+class TrainResult:
+    """What `train` leaves: the final train state (params, opt_state, step, key[, ema]), a summary and the data
+    iterator positioned after the last consumed batch."""
+
+    state: dict
+    summary: dict
+    data_iter: object
+
+
+class TrainError(RuntimeError):
+    """A run that cannot start or continue; the message names the config key, file or step."""
+
+
+# ----------------------------------------------------------------------------- config -> objects
+
+def model_config(config) -> ACTalkerConfig:
+    """ACTalkerConfig from `config.model` (unet / pcm sub-dicts plus encoder sizes)."""
+    m = config.model.to_dict()
+    unet = UNetConfig(**{"temporal_context": "frame_mean", **m.pop("unet")})
+    pcm = PCMConfig(**m.pop("pcm"))
+    try:
+        return ACTalkerConfig(unet=unet, pcm=pcm, **m)
+    except TypeError as err:
+        raise TrainError(f"config.model: {err}") from None
+
+
+def batch_sharding(mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
+
+
+def global_batch(local: dict, mesh) -> dict:
+    """Per-process numpy batch -> global jax arrays sharded over (data, fsdp) on the batch axis."""
+    s = batch_sharding(mesh)
+    return {k: jax.make_array_from_process_local_data(s, np.asarray(v)) for k, v in local.items()}
+
+
+def flatten(state: nnx.State) -> dict[str, jax.Array]:
+    """nnx.State -> {"dotted.path": array} (the checkpoint and optimizer view of the parameters)."""
+    return {".".join(str(p) for p in path): var.get_value() for path, var in nnx.to_flat_state(state)}
+
+
+def unflatten(template: nnx.State, flat: dict) -> nnx.State:
+    return nnx.from_flat_state([(path, var.replace(flat[".".join(str(p) for p in path)]))
+                                for path, var in nnx.to_flat_state(template)])
+
+
+# ----------------------------------------------------------------------------- the loss
+
+def sample_controls(key, batch_size: int, config):
+    """Per-sample gates (B, 2) and condition drops (each (B,) bool) for one step."""
+    k_gate, k_app, k_audio, k_motion = jax.random.split(key, 4)
+    choice = jax.random.choice(k_gate, 3, (batch_size,), p=jnp.asarray(config.train.gate_probs, jnp.float32))
+    gates = jnp.stack([choice != 2, choice != 1], axis=1).astype(jnp.float32)  # 0 both, 1 audio, 2 motion
+    p = config.train.cond_dropout
+    drops = dict(drop_appearance=jax.random.bernoulli(k_app, p, (batch_size,)),
+                 drop_audio=jax.random.bernoulli(k_audio, p, (batch_size,)),
+                 drop_motion=jax.random.bernoulli(k_motion, p, (batch_size,)))
+    return gates, drops
+
+
+def loss_fn(model: ACTalkerModel, batch: dict, key, config, edm: diffusion.EDMConfig):
+    """EDM v-prediction loss of one batch (spec §5) -> (mean loss, per-sample losses)."""
+    k_sigma, k_noise, k_control = jax.random.split(key, 3)
+    x0 = batch["latents"] * edm.latent_scale
+    batch_size = x0.shape[0]
+    sigma = diffusion.sample_sigmas(k_sigma, batch_size, edm)
+    noisy, _ = diffusion.add_noise(k_noise, x0, sigma, edm)
+    sample, timestep = diffusion.model_inputs(noisy, batch["ref_latent"], sigma)
+    gates, drops = sample_controls(k_control, batch_size, config)
+    image_size = batch["mask_audio"].shape[1:]
+    conditions = dict(audio=batch["audio"], expression=batch["motion"], pose=batch["pose"],
+                      id_embed=batch["id_embed"],
+                      face_image=face_box_image(batch["face_box"], image_size, config.train.face_box_scale))
+    out = model(sample, timestep, batch["added_time_ids"], conditions, gates, mask_audio=batch["mask_audio"],
+                mask_motion=batch["mask_motion"], **drops)
+    per_sample, mean = diffusion.denoising_loss(out.astype(jnp.float32), noisy, x0, sigma)
+    return mean, per_sample
+
+
+# ----------------------------------------------------------------------------- main
+
+def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
+    """Runs (or resumes) training up to `config.total_steps`."""
+    import orbax.checkpoint as ocp
+    import grain
+
+    # ------------------------------------------------------------------ distributed set-up
+    if config.get("distributed", False) and jax.process_count() == 1 and (
+            "SLURM_JOB_ID" in os.environ or "JAX_COORDINATOR_ADDRESS" in os.environ):
+        jax.distributed.initialize()
+    os.makedirs(workdir, exist_ok=True)
+
+    # ------------------------------------------------------------------ mesh
+    try:
+        devices = jax.devices() if config.mesh.get("devices", -1) == -1 else jax.devices()[:config.mesh.devices]
+        mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, devices=devices)
+    except ValueError as err:
+        raise TrainError(f"config.mesh: {err}") from None
+    batch_axis = mesh.shape["data"] * mesh.shape["fsdp"]
+    global_batch_size = config.data.batch_size * jax.process_count()
+    if global_batch_size % batch_axis:
+        raise TrainError(f"config.data.batch_size: the global batch {global_batch_size} is not divisible by the "
+                         f"mesh's data*fsdp = {batch_axis}")
+
+    # ------------------------------------------------------------------ data
+    if config.get("synthetic_clips", 0) and not config.data.records:
+        config.unlock()
+        config.data.records = _synthetic_records(config, workdir)
+        config.lock()
+    dataset = pipeline.make_dataset(config, split="train", process_index=jax.process_index(),
+                                    process_count=jax.process_count())
+    data_iter = iter(dataset)
+
+    # ------------------------------------------------------------------ model + optimizer, created sharded
+    mcfg = model_config(config)
+    dtype = jnp.dtype(config.compute_dtype)
+    key = jax.random.key(config.seed)
+
+    def make_model():
+        return ACTalkerModel(mcfg, rngs=nnx.Rngs(jax.random.key(config.seed, impl="rbg")), dtype=dtype,
+                             param_dtype=jnp.float32)
+
+    graphdef, abstract_state = nnx.split(nnx.eval_shape(make_model))
+    param_shardings = {".".join(str(p) for p in path): NamedSharding(mesh, sharding.variable_spec(var, mesh=mesh))
+                       for path, var in nnx.to_flat_state(abstract_state)}
+    total_steps = int(config.total_steps)
+    abstract_params = flatten(abstract_state)
+    optimizer = optim.make_optimizer(config.optim, abstract_params, total_steps)
+    replicated = NamedSharding(mesh, PartitionSpec())
+
+    def init_state():
+        params = flatten(nnx.split(make_model())[1])
+        state = dict(params=params, opt_state=optimizer.init(params), step=jnp.zeros((), jnp.int32), key=key)
+        if config.optim.ema_decay:
+            state["ema"] = params
+        return state
+
+    abstract_train_state = jax.eval_shape(init_state)
+    state_shardings = _state_shardings(abstract_train_state, param_shardings, replicated)
+
+    # ------------------------------------------------------------------ checkpoints
+    manager = ocp.CheckpointManager(
+        os.path.abspath(os.path.join(workdir, "checkpoints")),
+        options=ocp.CheckpointManagerOptions(max_to_keep=config.checkpoint.keep,
+                                             save_interval_steps=1, enable_async_checkpointing=True),
+        item_handlers=dict(state=ocp.StandardCheckpointHandler(), data=grain.checkpoint.CheckpointHandler(),
+                           config=ocp.JsonCheckpointHandler()))
+    latest = manager.latest_step()
+    if latest is not None:
+        target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                              abstract_train_state, state_shardings)
+        restored = manager.restore(latest, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(target), data=grain.checkpoint.CheckpointRestore(data_iter)))
+        state = restored["state"]
+        logging.info("resumed from step %d", latest)
+    else:
+        state = jax.jit(init_state, out_shardings=state_shardings)()
+    edm = diffusion.EDMConfig(**config.diffusion.to_dict())
+
+    # ------------------------------------------------------------------ train step
+    def train_step(state, batch):
+        key, step_key = jax.random.split(state["key"])
+        step_key = jax.random.fold_in(step_key, state["step"])
+
+        def loss_of(params):
+            model = nnx.merge(graphdef, unflatten(abstract_state, params))
+            return loss_fn(model, batch, step_key, config, edm)
+
+        (loss, per_sample), grads = jax.value_and_grad(loss_of, has_aux=True)(state["params"])
+        grad_norm = optim_global_norm(grads)
+        finite = jnp.all(jnp.isfinite(per_sample)) & jnp.isfinite(grad_norm)
+        updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
+        params = jax.tree.map(lambda p, u: p + u, state["params"], updates)
+        new_state = dict(state, params=params, opt_state=opt_state, step=state["step"] + 1, key=key)
+        if "ema" in state:
+            decay = config.optim.ema_decay
+            new_state["ema"] = jax.tree.map(lambda e, p: decay * e + (1 - decay) * p, state["ema"], params)
+        # A non-finite step leaves parameters, optimizer state and EMA as they were (only step and key move).
+        keep = dict(state, step=new_state["step"], key=key)
+        new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, keep)
+        return new_state, dict(loss=loss, grad_norm=grad_norm, finite=finite)
+
+    with sharding.axis_rules(mesh):
+        step_fn = jax.jit(train_step, in_shardings=(state_shardings, batch_sharding(mesh)),
+                          out_shardings=(state_shardings, replicated), donate_argnums=(0,))
+
+    # ------------------------------------------------------------------ loop
+    stop = {"signal": None}
+
+    def on_signal(signum, _frame):
+        stop["signal"] = signum
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    config_json = json.loads(config.to_json_best_effort())
+    step = int(jax.device_get(state["step"]))
+    start_time, last_save, losses = time.time(), time.time(), []
+    progress = _progress(total_steps, step)
+    try:
+        while step < total_steps:
+            t_data = time.time()
+            local = next(data_iter)
+            local_clips = local.pop("clip_index", None)
+            batch = global_batch(local, mesh)
+            data_wait = time.time() - t_data
+            with sharding.axis_rules(mesh):
+                state, metrics = step_fn(state, batch)
+            step += 1
+            metrics = jax.device_get(metrics)
+            if not metrics["finite"]:
+                clips = local_clips.tolist() if local_clips is not None else "unknown"
+                if config.train.on_nonfinite == "stop":
+                    raise TrainError(f"non-finite loss or gradient at step {step} (batch clip_index {clips}); "
+                                     f"the newest checkpoint is step {manager.latest_step()}")
+                logging.warning("non-finite loss at step %d (clip_index %s): update skipped", step, clips)
+            losses.append(float(metrics["loss"]))
+            progress.update(1)
+            progress.set_postfix(loss=f"{metrics['loss']:.4f}", data_s=f"{data_wait:.2f}")
+            save = step % config.checkpoint.every_steps == 0 or step == total_steps or stop["signal"] is not None
+            if config.checkpoint.every_minutes and time.time() - last_save > 60 * config.checkpoint.every_minutes:
+                save = True
+            if save:
+                last_save = time.time()
+                manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                           data=grain.checkpoint.CheckpointSave(data_iter),
+                                                           config=ocp.args.JsonSave(config_json)), force=True)
+            if stop["signal"] is not None:
+                logging.info("signal %d: checkpoint at step %d saved, exiting", stop["signal"], step)
+                break
+    finally:
+        manager.wait_until_finished()
+        progress.close()
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    summary = dict(step=step, seconds=round(time.time() - start_time, 1),
+                   loss_first=losses[0] if losses else None, loss_last=float(np.mean(losses[-10:])) if losses else None)
+    if jax.process_index() == 0:
+        print(f"done: step {summary['step']}, {summary['seconds']} s, loss {summary['loss_first']} -> "
+              f"{summary['loss_last']} (mean of the last 10 steps)")
+    return TrainResult(state=state, summary=summary, data_iter=data_iter)
+
+
+def optim_global_norm(tree) -> jax.Array:
+    return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
+
+
+def _state_shardings(abstract_state, param_shardings, replicated):
+    """Shardings of the train state: parameters (and their optimizer / EMA copies) follow the parameter rules.
+
+    An optimizer leaf whose tree path ends in a parameter key with the parameter's shape gets that
+    parameter's sharding; everything else (counts, step, key) is replicated.
+    """
+    shapes = {k: None for k in param_shardings}
+
+    def pick(path, leaf):
+        for entry in reversed(path):
+            name = getattr(entry, "key", None)
+            if isinstance(name, str) and name in shapes:
+                return param_shardings[name]
+        return replicated
+
+    return jax.tree_util.tree_map_with_path(pick, abstract_state)
+
+
+def _synthetic_records(config, workdir: str) -> str:
+    """Generates the demo's synthetic clips once (process 0) and returns the records directory."""
+    from actalker_jax.data import synthetic
+
+    out = os.path.join(workdir, "synthetic")
+    records_dir = os.path.join(out, "records")
+    if jax.process_index() == 0 and not os.path.isdir(records_dir):
+        synthetic.main(["--out", out, "--num-clips", str(config.synthetic_clips), "--seed", str(config.seed),
+                        "--frames", str(config.synthetic_frames), "--size", str(config.synthetic_size)])
+    return records_dir
+
+
+def _progress(total: int, initial: int):
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, disable=jax.process_index() != 0)
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if _CONFIG.value is None or _WORKDIR.value is None:
+        raise app.UsageError("--config and --workdir are required")
+    try:
+        train(_CONFIG.value, _WORKDIR.value)
+    except (TrainError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    app.run(main)
