@@ -20,7 +20,7 @@ def _kernel_packages():
 kernel_packages = _kernel_packages()
 
 # Preprocessing, synthetic data and the TFDS source (tests exercise them, so the test extra includes them).
-DATA_EXTRAS = ["array-record", "tensorflow-datasets", "importlib_resources", "av", "scipy", "dlib-bin",
+DATA_EXTRAS = ["array-record", "tensorflow-datasets", "importlib_resources", "dlib-bin",
                "face-recognition-models", "opencv-python-headless", "scikit-image", "tqdm", "transformers"]
 
 setup(
@@ -44,6 +44,9 @@ setup(
         "ml-collections",
         "numpy",
         "safetensors",
+        "scipy",  # synthetic speech (the demo's data)
+        "av",  # video I/O (PyAV; there is no ffmpeg binary on the target machines)
+        "tqdm",
     ],
     extras_require={
         "test": ["pytest", "torch==2.13.0", "diffusers", "transformers"] + DATA_EXTRAS,
