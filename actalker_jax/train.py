@@ -8,7 +8,6 @@ Re-running the same command resumes from the newest complete checkpoint in `--wo
 import dataclasses
 import json
 import os
-import re
 import signal
 import sys
 import time

@@ -1,6 +1,5 @@
 """SVD UNet: parity with diffusers UNetSpatioTemporalConditionModel, shapes, param count, compile-once."""
 
-import dataclasses
 
 import jax
 import jax.numpy as jnp

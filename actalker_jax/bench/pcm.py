@@ -10,14 +10,13 @@ mask and a face-sized motion mask. Prints milliseconds and the PCM / spatial-blo
 """
 
 import argparse
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from actalker_jax.bench.timing import median_ms
 from actalker_jax.models.pcm import PCMLayer
 from actalker_jax.models.transformer import BasicTransformerBlock
 
@@ -37,16 +36,6 @@ def region_masks(batch, grid):
     face = np.zeros_like(mouth)
     face[:, int(0.15 * height):int(0.9 * height), int(0.2 * width):int(0.8 * width)] = 1
     return jnp.asarray(mouth), jnp.asarray(face - mouth)
-
-
-def timed(fn, *args, steps):
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
 
 
 def forward_and_train(module, call):
@@ -91,13 +80,13 @@ def main(argv=None):
             ("spatial block", block, lambda m, h: m(h, context)),
             ("self-attention", block.attn1, lambda m, h: m(h))):
         state, fwd, train = forward_and_train(module, call)
-        rows.append((name, timed(fwd, state, x, steps=args.steps), timed(train, state, x, steps=args.steps)))
+        rows.append((name, median_ms(fwd, (state, x), 1, args.steps), median_ms(train, (state, x), 1, args.steps)))
     for scan_over in ("frame", "video"):
         pcm = PCMLayer(channels, cond_dim, rngs=keys, scan_over=scan_over, scan_impl=args.impl, **kw)
         state, fwd, train = forward_and_train(
             pcm, lambda m, h: m(h, encoder_hidden_states=context, conditions=conditions, num_frames=frames, grid=grid))
-        rows.append((f"PCM ({scan_over})", timed(fwd, state, x, steps=args.steps),
-                     timed(train, state, x, steps=args.steps)))
+        rows.append((f"PCM ({scan_over})", median_ms(fwd, (state, x), 1, args.steps),
+                     median_ms(train, (state, x), 1, args.steps)))
     spatial_fwd, spatial_train = rows[0][1], rows[0][2]
     print(f"{'module':18s} {'fwd ms':>10s} {'fwd+bwd ms':>12s} {'fwd / spatial':>14s} {'fwd+bwd / spatial':>18s}")
     for name, fwd_ms, train_ms in rows:

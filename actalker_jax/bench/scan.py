@@ -23,16 +23,15 @@ import os
 import re
 import resource
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from actalker_jax.bench.timing import median_ms
 from actalker_jax.kernels.selective_scan import resolve_impl, selective_scan
 
 SHAPES = {  # (batch, L, D, N)
@@ -96,17 +95,6 @@ def build(impl, options):
         return y, vjp(g)[0]
 
     return jax.jit(forward), jax.jit(forward_backward)
-
-
-def median_ms(fn, args, warmup, iters):
-    for _ in range(warmup):
-        jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
 
 
 def bench(impl, shape, dtype, options, warmup, iters):

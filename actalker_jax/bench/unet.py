@@ -9,14 +9,13 @@ docs/benchmarks.md with date, device and command.
 """
 
 import argparse
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from actalker_jax.bench.timing import first_call_s, median_ms
 from actalker_jax.models.unet import UNetConfig, UNetSpatioTemporalConditionModel, count_params
 
 CONFIGS = {"tiny": UNetConfig.tiny, "svd_xt": UNetConfig.svd_xt}
@@ -29,19 +28,6 @@ def make_inputs(config: UNetConfig, batch: int, frames: int, height: int, width:
             jnp.asarray(rng.uniform(-2, 2, (batch,)), jnp.float32),
             jnp.asarray(rng.standard_normal((batch, 1, cross)), dtype),
             jnp.asarray([[6.0, 127.0, 0.02]] * batch, jnp.float32))
-
-
-def time_call(fn, *args, steps: int) -> tuple[float, float]:
-    """(compile+first call seconds, median seconds of `steps` further calls)."""
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    first = time.perf_counter() - start
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return first, statistics.median(times)
 
 
 def main(argv=None):
@@ -83,9 +69,10 @@ def main(argv=None):
           f"latent {height}x{width}, compute {args.dtype}")
     modes = ["forward", "train"] if args.mode == "both" else [args.mode]
     for mode in modes:
-        first, median = time_call(forward if mode == "forward" else train, params, *inputs, steps=args.steps)
-        print(f"{mode:8s} median {median * 1e3:9.1f} ms over {args.steps} calls (first call incl. compile "
-              f"{first:.1f} s)")
+        fn = forward if mode == "forward" else train
+        first = first_call_s(fn, (params, *inputs))
+        median = median_ms(fn, (params, *inputs), 0, args.steps)
+        print(f"{mode:8s} median {median:9.1f} ms over {args.steps} calls (first call incl. compile {first:.1f} s)")
     stats = device.memory_stats() if hasattr(device, "memory_stats") else None
     if stats and "peak_bytes_in_use" in stats:
         print(f"peak device memory: {stats['peak_bytes_in_use'] / 2**30:.2f} GiB")

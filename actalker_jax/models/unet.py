@@ -10,7 +10,6 @@ state-dict key (with `kernel`/`scale` for `weight`); see convert.py.
 """
 
 import dataclasses
-from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp

@@ -15,7 +15,7 @@ state-dict key (with `kernel`/`scale` for `weight`); see convert.py.
 
 import dataclasses
 import numbers
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
