@@ -120,9 +120,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
     import grain
 
     # ------------------------------------------------------------------ distributed set-up
-    if config.get("distributed", False) and jax.process_count() == 1 and (
-            "SLURM_JOB_ID" in os.environ or "JAX_COORDINATOR_ADDRESS" in os.environ):
-        jax.distributed.initialize()
+    if config.get("distributed", False):
+        jax.distributed.initialize()  # before any computation; finds SLURM / TPU VM / coordinator settings
     os.makedirs(workdir, exist_ok=True)
 
     # ------------------------------------------------------------------ mesh
