@@ -1,4 +1,4 @@
-"""impl="xla" forward+backward never materialises a (batch, L, D, N) tensor (peak RSS in a subprocess)."""
+"""impl="xla" forward+backward never materialises a (batch, L, D, N) tensor: peak RSS and XLA buffers."""
 import subprocess
 import sys
 
@@ -41,11 +41,33 @@ def peak_rss_growth_mib(impl, cwd):
     return float(out.stdout.split()[-1])
 
 
-@pytest.mark.parametrize(
-    "impl, materialises",
-    [("xla", False), ("reference", True)],  # the reference stores every (D, N) state: the check must see it
-)
-def test_forward_backward_peak_memory(impl, materialises, tmp_path):
-    growth = peak_rss_growth_mib(impl, tmp_path)
-    # Materialising (1, L, D, N) float32 adds 7/8 of FULL_STATE_MIB between the two lengths.
-    assert (growth > FULL_STATE_MIB * 7 / 16) == materialises, f"{impl}: peak RSS grew {growth:.0f} MiB"
+def test_forward_backward_peak_rss_stays_small():
+    """impl="xla": peak RSS of a fresh process grows far less than one (1, L, D, N) tensor from L/8 to L.
+
+    (A negative control on RSS proved flaky in CI: the allocator may keep the baseline's pages, so the
+    reference impl is checked with XLA's buffer assignment below instead.)
+    """
+    growth = peak_rss_growth_mib("xla", None)
+    assert growth < FULL_STATE_MIB * 7 / 16, f"xla: peak RSS grew {growth:.0f} MiB"
+
+
+def _temp_mib(impl: str) -> float:
+    import jax
+    import jax.numpy as jnp
+
+    from actalker_jax.kernels.selective_scan import selective_scan
+
+    k = jax.random.split(jax.random.PRNGKey(0), 6)
+    u, delta, z = (jax.random.normal(k[i], (1, LENGTH, DIM)) for i in (0, 1, 2))
+    A = -jnp.exp(jax.random.normal(k[3], (DIM, NSTATE)))
+    B, C = (jax.random.normal(k[i], (1, LENGTH, NSTATE)) for i in (4, 5))
+    loss = lambda *a: jnp.sum(selective_scan(*a[:5], None, a[5], impl=impl))  # noqa: E731
+    compiled = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4, 5))).lower(u, delta, A, B, C, z).compile()
+    return compiled.memory_analysis().temp_size_in_bytes / 2**20
+
+
+@pytest.mark.parametrize("impl, materialises", [("xla", False), ("reference", True)])
+def test_forward_backward_temp_buffers(impl, materialises):
+    """XLA's buffer assignment for fwd+bwd: only the reference holds a (1, L, D, N) float32 tensor."""
+    temp = _temp_mib(impl)
+    assert (temp > FULL_STATE_MIB) == materialises, f"{impl}: {temp:.0f} MiB of temporary buffers"
