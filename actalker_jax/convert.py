@@ -164,7 +164,7 @@ def _dtype(dtype):
 
 
 def load_diffusers_unet(path: str, dtype=jnp.float32, *, hooks=None, compute_dtype=None, **config_overrides):
-    """diffusers UNetSpatioTemporalConditionModel folder -> (UNetSpatioTemporalConditionModel, UNetConfig).
+    """diffusers UNetSpatioTemporalConditionModel folder -> UNetSpatioTemporalConditionModel (config: `.config`).
 
     `dtype` is the parameter dtype; `compute_dtype` (default: dtype) the activation dtype.
     """
@@ -182,11 +182,11 @@ def load_diffusers_unet(path: str, dtype=jnp.float32, *, hooks=None, compute_dty
         return UNetSpatioTemporalConditionModel(config, rngs=nnx.Rngs(0), hooks=hooks or TransformerHooks(),
                                                 dtype=_dtype(compute_dtype) or dtype, param_dtype=dtype)
 
-    return build_from_state_dict(make, state, dtype, source=model_dir), config
+    return build_from_state_dict(make, state, dtype, source=model_dir)
 
 
 def load_diffusers_vae(path: str, dtype=jnp.float32, *, compute_dtype=None):
-    """diffusers AutoencoderKLTemporalDecoder folder -> (AutoencoderKLTemporalDecoder, VAEConfig)."""
+    """diffusers AutoencoderKLTemporalDecoder folder -> AutoencoderKLTemporalDecoder (config: `.config`)."""
     from actalker_jax.models.vae import AutoencoderKLTemporalDecoder, VAEConfig
 
     config_dict, state, model_dir = read_diffusers_folder(path, "vae")
@@ -200,7 +200,7 @@ def load_diffusers_vae(path: str, dtype=jnp.float32, *, compute_dtype=None):
         return AutoencoderKLTemporalDecoder(config, rngs=nnx.Rngs(0), dtype=_dtype(compute_dtype) or dtype,
                                             param_dtype=dtype)
 
-    return build_from_state_dict(make, state, dtype, source=model_dir), config
+    return build_from_state_dict(make, state, dtype, source=model_dir)
 
 
 # ----------------------------------------------------------------------------- Orbax cache
@@ -231,7 +231,7 @@ def save_converted(out_dir: str, name: str, module: nnx.Module, config) -> str:
 
 
 def load_converted(out_dir: str, name: str, dtype=None, *, hooks=None, compute_dtype=None):
-    """Reads back a module written by `save_converted` -> (module, config)."""
+    """Reads back a module written by `save_converted` (its config: `.config`)."""
     import orbax.checkpoint as ocp
 
     if name not in MODELS:
@@ -277,7 +277,7 @@ def load_converted(out_dir: str, name: str, dtype=None, *, hooks=None, compute_d
             raise ConversionError(f"{out_dir}/{name}: parameter {key} missing or mis-shaped in the checkpoint")
         leaves.append((path, var.replace(jnp.asarray(restored[key], dtype))))
     rest = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), rest)
-    return nnx.merge(graphdef, nnx.from_flat_state(leaves), rest), config
+    return nnx.merge(graphdef, nnx.from_flat_state(leaves), rest)
 
 
 # ----------------------------------------------------------------------------- official ACTalker checkpoints
@@ -648,8 +648,8 @@ def _convert_official(args) -> None:
     n = sum(int(np.prod(_raw(v).shape)) for _, v in nnx.to_flat_state(nnx.state(model, nnx.Param)))
     print(f"actalker: {n:,} parameters ({args.dtype}, step {step}) -> {target}")
     if os.path.isdir(os.path.join(args.svd, "vae")):
-        vae, vae_config = load_diffusers_vae(os.path.join(args.svd, "vae"), args.dtype)
-        target = save_converted(args.out, "vae", vae, vae_config)
+        vae = load_diffusers_vae(os.path.join(args.svd, "vae"), args.dtype)
+        target = save_converted(args.out, "vae", vae, vae.config)
         n = sum(int(np.prod(_raw(v).shape)) for _, v in nnx.to_flat_state(nnx.state(vae, nnx.Param)))
         print(f"vae: {n:,} parameters ({args.dtype}) -> {target}")
 
@@ -694,8 +694,8 @@ def main(argv=None) -> int:
                 raise ConversionError(f"--models: unknown model {name!r}; expected a subset of {SVD_MODELS}")
         for name in models:
             loader = load_diffusers_unet if name == "unet" else load_diffusers_vae
-            module, config = loader(args.src, args.dtype)
-            target = save_converted(args.out, name, module, config)
+            module = loader(args.src, args.dtype)
+            target = save_converted(args.out, name, module, module.config)
             n = sum(int(np.prod(_raw(v).shape)) for _, v in nnx.to_flat_state(nnx.state(module, nnx.Param)))
             print(f"{name}: {n:,} parameters ({args.dtype}) -> {target}")
     except ConversionError as err:

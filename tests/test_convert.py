@@ -34,9 +34,9 @@ def params_by_key(module):
 
 
 def test_load_unet_from_pipeline_and_model_folder(unet_folder):
-    from_pipeline, config = convert.load_diffusers_unet(str(unet_folder))
-    from_model, _ = convert.load_diffusers_unet(str(unet_folder / "unet"))
-    assert config == UNetConfig.tiny()
+    from_pipeline = convert.load_diffusers_unet(str(unet_folder))
+    from_model = convert.load_diffusers_unet(str(unet_folder / "unet"))
+    assert from_pipeline.config == UNetConfig.tiny()
     state = load_file(str(unet_folder / "unet" / WEIGHTS))
     got = params_by_key(from_pipeline)
     assert set(got) == set(state)
@@ -46,7 +46,7 @@ def test_load_unet_from_pipeline_and_model_folder(unet_folder):
 
 
 def test_load_in_bfloat16(unet_folder):
-    unet, _ = convert.load_diffusers_unet(str(unet_folder), jnp.bfloat16)
+    unet = convert.load_diffusers_unet(str(unet_folder), jnp.bfloat16)
     assert {v[...].dtype for _, v in nnx.to_flat_state(nnx.state(unet, nnx.Param))} == {jnp.dtype(jnp.bfloat16)}
 
 
@@ -97,9 +97,9 @@ def test_bad_paths(tmp_path):
 def test_cli_orbax_round_trip(unet_folder, tmp_path):
     out = tmp_path / "converted"
     assert convert.main(["svd", "--src", str(unet_folder), "--out", str(out), "--models", "unet"]) == 0
-    loaded, config = convert.load_converted(str(out), "unet")
-    original, _ = convert.load_diffusers_unet(str(unet_folder))
-    assert config == UNetConfig.tiny()
+    loaded = convert.load_converted(str(out), "unet")
+    original = convert.load_diffusers_unet(str(unet_folder))
+    assert loaded.config == UNetConfig.tiny()
     jax.tree.map(np.testing.assert_array_equal, nnx.state(loaded, nnx.Param), nnx.state(original, nnx.Param))
 
 
@@ -128,9 +128,9 @@ def test_cli_converts_pipeline_with_vae(unet_folder, tmp_path):
     out = tmp_path / "converted"
     assert convert.main(["svd", "--src", str(pipeline), "--out", str(out)]) == 0
     for name, loader in (("unet", convert.load_diffusers_unet), ("vae", convert.load_diffusers_vae)):
-        loaded, config = convert.load_converted(str(out), name)
-        original, original_config = loader(str(pipeline))
-        assert config == original_config
+        loaded = convert.load_converted(str(out), name)
+        original = loader(str(pipeline))
+        assert loaded.config == original.config
         jax.tree.map(np.testing.assert_array_equal, nnx.state(loaded, nnx.Param), nnx.state(original, nnx.Param))
-    vae, _ = convert.load_converted(str(out), "vae", jnp.bfloat16)
+    vae = convert.load_converted(str(out), "vae", jnp.bfloat16)
     assert vae.decoder.conv_out.kernel.get_value().dtype == jnp.bfloat16

@@ -301,11 +301,13 @@ def test_cli_round_trip_through_orbax(model, official, svd_dir, tmp_path, capsys
     out = tmp_path / "converted"
     assert convert.main(["actalker", "--svd", str(pipeline), "--official", str(official), "--out", str(out)]) == 0
     assert f"step {STEP}" in capsys.readouterr().out
-    loaded, config = convert.load_converted(str(out), "actalker")
+    loaded = convert.load_converted(str(out), "actalker")
+    config = loaded.config
     assert config == ACTalkerConfig(**{**CONFIG.to_dict(), "pcm": PCMConfig()})
     assert json.loads((out / "actalker_config.json").read_text()) == json.loads(json.dumps(config.to_dict()))
     assert_same_params(loaded, model)
-    loaded_vae, vae_config = convert.load_converted(str(out), "vae")
+    loaded_vae = convert.load_converted(str(out), "vae")
+    vae_config = loaded_vae.config
     assert vae_config == VAEConfig.tiny()
     assert_same_params(loaded_vae, vae)
 

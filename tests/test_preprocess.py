@@ -88,7 +88,8 @@ def models(tmp_path_factory):
     vae = AutoencoderKLTemporalDecoder(down_block_types=("DownEncoderBlock2D",) * 2, block_out_channels=(32, 64),
                                        layers_per_block=1, latent_channels=4, sample_size=32)
     vae.save_pretrained(os.path.join(svd, "vae"))
-    module, vae_config = convert.load_diffusers_vae(svd)
+    module = convert.load_diffusers_vae(svd)
+    vae_config = module.config
     converted = str(root / "converted")
     convert.save_converted(converted, "vae", module, vae_config)
     return whisper, svd, converted

@@ -70,13 +70,13 @@ class LatentEncoder:
             raise FileNotFoundError(f"--svd {path}: not a directory")
         try:
             if os.path.isfile(os.path.join(path, "vae_config.json")):
-                vae, config = convert.load_converted(path, "vae")
+                vae = convert.load_converted(path, "vae")
             else:
-                vae, config = convert.load_diffusers_vae(path)
+                vae = convert.load_diffusers_vae(path)
         except Exception as err:  # noqa: BLE001  (orbax / safetensors raise many types)
             raise ValueError(f"--svd {path}: cannot load the VAE ({type(err).__name__}: {err})") from None
-        self.config, self.batch_size = config, batch_size
-        self.factor = config.downsample_factor
+        self.config, self.batch_size = vae.config, batch_size
+        self.factor = vae.config.downsample_factor
         graphdef, state = nnx.split(vae)
         self._state = state
 
