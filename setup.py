@@ -49,7 +49,7 @@ setup(
         "tqdm",
     ],
     extras_require={
-        "test": ["pytest", "torch==2.13.0", "diffusers", "transformers"] + DATA_EXTRAS,
+        "test": ["pytest", "pyyaml", "torch==2.13.0", "diffusers", "transformers"] + DATA_EXTRAS,
         "gpu": ["jax[cuda12]"],
         "data": DATA_EXTRAS,
     },

@@ -121,7 +121,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
 
     # ------------------------------------------------------------------ distributed set-up
     if config.get("distributed", False):
-        jax.distributed.initialize()  # before any computation; finds SLURM / TPU VM / coordinator settings
+        initialize_distributed()
     os.makedirs(workdir, exist_ok=True)
 
     # ------------------------------------------------------------------ mesh
@@ -271,6 +271,24 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
         print(f"done: step {summary['step']}, {summary['seconds']} s, loss {summary['loss_first']} -> "
               f"{summary['loss_last']} (mean of the last 10 steps)")
     return TrainResult(state=state, summary=summary, data_iter=data_iter)
+
+
+def initialize_distributed() -> None:
+    """`jax.distributed.initialize` before any computation.
+
+    With JAX_COORDINATOR_ADDRESS set (Kubernetes, launch/jobset.yaml), JAX_NUM_PROCESSES and
+    JAX_PROCESS_ID give the job's size and this process's rank; otherwise JAX detects SLURM and TPU VMs.
+    """
+    coordinator = os.environ.get("JAX_COORDINATOR_ADDRESS")
+    if not coordinator:
+        jax.distributed.initialize()
+        return
+    try:
+        num_processes, process_id = int(os.environ["JAX_NUM_PROCESSES"]), int(os.environ["JAX_PROCESS_ID"])
+    except (KeyError, ValueError) as err:
+        raise TrainError(f"JAX_COORDINATOR_ADDRESS is set, so JAX_NUM_PROCESSES and JAX_PROCESS_ID must be ints: "
+                         f"{err}") from None
+    jax.distributed.initialize(coordinator, num_processes, process_id)
 
 
 def optim_global_norm(tree) -> jax.Array:
