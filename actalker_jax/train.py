@@ -116,8 +116,23 @@ def loss_fn(model: ACTalkerModel, batch: dict, key, config, edm: diffusion.EDMCo
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
     """Runs (or resumes) training up to `config.total_steps`."""
-    import orbax.checkpoint as ocp
+
+    stop = {"signal": None}  # SIGTERM / SIGINT at any time: finish the current step, checkpoint, exit
+
+    def on_signal(signum, _frame):
+        stop["signal"] = signum
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        return _train(config, workdir, stop)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def _train(config: ml_collections.ConfigDict, workdir: str, stop: dict) -> TrainResult:
     import grain
+    import orbax.checkpoint as ocp
 
     # ------------------------------------------------------------------ distributed set-up
     if config.get("distributed", False):
@@ -219,12 +234,6 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
                           out_shardings=(state_shardings, replicated), donate_argnums=(0,))
 
     # ------------------------------------------------------------------ loop
-    stop = {"signal": None}
-
-    def on_signal(signum, _frame):
-        stop["signal"] = signum
-
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     config_json = json.loads(config.to_json_best_effort())
     step = int(jax.device_get(state["step"]))
     start_time, last_save, losses = time.time(), time.time(), []
@@ -263,8 +272,6 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
     finally:
         manager.wait_until_finished()
         progress.close()
-        for s, handler in previous.items():
-            signal.signal(s, handler)
     summary = dict(step=step, seconds=round(time.time() - start_time, 1),
                    loss_first=losses[0] if losses else None, loss_last=float(np.mean(losses[-10:])) if losses else None)
     if jax.process_index() == 0:

@@ -2,6 +2,11 @@
 
 import importlib.util
 import os
+import re
+import signal
+import subprocess
+import sys
+import time
 
 import jax
 import numpy as np
@@ -86,3 +91,46 @@ def test_bad_configs_name_the_key(records_dir, tmp_path):
         train.train(tiny_config(records_dir, **{"mesh.data": 3, "mesh.devices": -1}), str(tmp_path / "m"))
     with pytest.raises(train.TrainError, match="config.data.batch_size"):
         train.train(tiny_config(records_dir, **{"data.batch_size": 3, "mesh.devices": 2}), str(tmp_path / "b"))
+
+
+def test_non_finite_loss_stops_naming_the_step(records_dir, tmp_path, monkeypatch):
+    """A NaN in the second batch stops training with the step and the batch's clip indices."""
+    make_dataset = train.pipeline.make_dataset
+
+    class Poisoned:
+        def __init__(self, dataset):
+            self.dataset = dataset
+
+        def __iter__(self):
+            for i, batch in enumerate(self.dataset):
+                if i == 1:
+                    batch = dict(batch, latents=np.full_like(batch["latents"], np.nan))
+                yield batch
+
+    monkeypatch.setattr(train.pipeline, "make_dataset", lambda *a, **k: Poisoned(make_dataset(*a, **k)))
+    with pytest.raises(train.TrainError, match=r"non-finite loss or gradient at step 2 \(batch clip_index \["):
+        train.train(tiny_config(records_dir, **{"checkpoint.every_steps": 10, "data.batch_size": 8}), str(tmp_path))
+
+
+def test_sigterm_saves_a_checkpoint_and_exits(records_dir, tmp_path):
+    """SIGTERM mid-run (here: during set-up): the trainer finishes the step, checkpoints it, exits with 0."""
+    workdir = tmp_path / "run"
+    config_path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "demo.py")
+    overrides = ["--config.synthetic_clips=0", f"--config.data.records={records_dir}", "--config.data.n_frames=4",
+                 "--config.data.eval_fraction=0.0", "--config.model.unet.num_frames=4", "--config.total_steps=1000",
+                 "--config.checkpoint.every_steps=1000", "--config.checkpoint.every_minutes=0.0",
+                 "--config.mesh.devices=1"]
+    process = subprocess.Popen([sys.executable, "-m", "actalker_jax.train", "--config", config_path, "--workdir",
+                                str(workdir), *overrides], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while not os.path.isdir(workdir) and time.time() < deadline and process.poll() is None:
+        time.sleep(0.2)
+    time.sleep(2.0)
+    process.send_signal(signal.SIGTERM)
+    out, _ = process.communicate(timeout=600)
+    assert process.returncode == 0, out[-3000:]
+    match = re.search(r"done: step (\d+)", out)
+    assert match, out[-3000:]
+    stopped = int(match.group(1))
+    assert 0 < stopped < 1000
+    assert sorted(os.listdir(workdir / "checkpoints")) == [str(stopped)]
