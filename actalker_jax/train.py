@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 from absl import app, flags, logging
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
@@ -216,7 +217,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stop: dict) -> Train
             return loss_fn(model, batch, step_key, config, edm)
 
         (loss, per_sample), grads = jax.value_and_grad(loss_of, has_aux=True)(state["params"])
-        grad_norm = optim_global_norm(grads)
+        grad_norm = optax.global_norm(grads)
         finite = jnp.all(jnp.isfinite(per_sample)) & jnp.isfinite(grad_norm)
         updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
         params = jax.tree.map(lambda p, u: p + u, state["params"], updates)
@@ -298,22 +299,16 @@ def initialize_distributed() -> None:
     jax.distributed.initialize(coordinator, num_processes, process_id)
 
 
-def optim_global_norm(tree) -> jax.Array:
-    return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
-
-
 def _state_shardings(abstract_state, param_shardings, replicated):
     """Shardings of the train state: parameters (and their optimizer / EMA copies) follow the parameter rules.
 
     An optimizer leaf whose tree path ends in a parameter key with the parameter's shape gets that
     parameter's sharding; everything else (counts, step, key) is replicated.
     """
-    shapes = {k: None for k in param_shardings}
-
     def pick(path, leaf):
         for entry in reversed(path):
             name = getattr(entry, "key", None)
-            if isinstance(name, str) and name in shapes:
+            if isinstance(name, str) and name in param_shardings:
                 return param_shardings[name]
         return replicated
 
