@@ -18,6 +18,7 @@ Every run ends with the peak resident memory of the process (host RSS).
 what ptxas reports (registers, spills); it needs jax-cuda12-plugin and ptxas (nvidia-cuda-nvcc-cu12).
 """
 import argparse
+import itertools
 import io
 import os
 import re
@@ -193,6 +194,26 @@ def triton_report(shape, options):
                   f"{ptx.count('bar.sync')} bar.sync, {ptx.count('ex2.approx')} ex2 in the PTX")
 
 
+def sweep(shape, dtype, base, specs, warmup, iters):
+    """Times impl="pallas" for every combination of the knob values in `specs` ("knob=v1,v2")."""
+    grid = {}
+    for spec in specs:
+        name, _, values = spec.partition("=")
+        if name not in base or not values:
+            raise SystemExit(f"--sweep: expected KNOB=V1,V2 with KNOB in {sorted(base)}, got {spec!r}")
+        grid[name] = [int(v) for v in values.split(",")]
+    fixed = {k: v for k, v in base.items() if v is not None and k not in grid}
+    print(f"pallas sweep at {shape}, {dtype.name}, fixed {fixed}")
+    for values in itertools.product(*grid.values()):
+        options = {**fixed, **dict(zip(grid, values))}
+        try:
+            r = bench("pallas", shape, dtype, options, warmup, iters)
+            print(f"{options}: fwd {r['fwd_ms']:8.3f} ms   fwd+bwd {r['fb_ms']:8.3f} ms")
+        except Exception as err:  # a knob combination the kernel or Triton rejects: report and go on
+            print(f"{options}: failed: {type(err).__name__}: {str(err).splitlines()[0][:160]}")
+    return 0
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--impl", default="auto", choices=["auto", "reference", "xla", "pallas", "all"])
@@ -208,13 +229,20 @@ def main(argv=None):
     parser.add_argument("--chunk", type=int, help="pallas: scan positions per program")
     parser.add_argument("--sub", type=int, help="pallas: tokens per unrolled step")
     parser.add_argument("--num-warps", type=int, help="pallas: warps per program")
+    parser.add_argument("--block-d-bwd", type=int, help="pallas: channels per backward program")
+    parser.add_argument("--sub-bwd", type=int, help="pallas: tokens per unrolled backward step")
+    parser.add_argument("--sweep", nargs="+", metavar="KNOB=V1,V2", default=(),
+                        help="pallas: time every combination of these knobs (e.g. block_d_bwd=8,32 num_warps=1,4)")
     args = parser.parse_args(argv)
 
     knobs = {
         "xla": {"chunk_size": args.chunk_size, "block": args.block},
-        "pallas": {"block_d": args.block_d, "chunk": args.chunk, "sub": args.sub, "num_warps": args.num_warps},
+        "pallas": {"block_d": args.block_d, "chunk": args.chunk, "sub": args.sub, "num_warps": args.num_warps,
+                   "block_d_bwd": args.block_d_bwd, "sub_bwd": args.sub_bwd},
         "reference": {},
     }
+    if args.sweep:
+        return sweep(SHAPES[args.shape], jnp.dtype(args.dtype), knobs["pallas"], args.sweep, args.warmup, args.iters)
     on_gpu = resolve_impl("auto") == "pallas"
     if args.impl == "all":
         impls = ["reference", "xla"] + (["pallas"] if on_gpu else [])

@@ -24,11 +24,15 @@ def step_size(delta, delta_bias, valid, delta_softplus):
     return jnp.where(valid, dt, 0.0)
 
 
-def step_size_grad(delta, delta_bias, valid, delta_softplus):
-    """d dt / d delta for `step_size` (0 where not `valid`); float32."""
-    if not delta_softplus:
-        return jnp.where(valid, 1.0, 0.0)
-    return jnp.where(valid, jax.nn.sigmoid(delta.astype(jnp.float32) + delta_bias), 0.0)
+def step_size_vjp(ddt, delta, delta_bias, valid, delta_softplus):
+    """dL/d delta from dL/d dt (`ddt`, float32) through `step_size`; 0 where not `valid`.
+
+    Written as one select on `ddt` (no bool -> float factor): the Triton lowering of Pallas turns
+    `where(valid, 1.0, 0.0)` into a bool tensor that it then refuses to multiply.
+    """
+    if delta_softplus:
+        ddt = ddt * jax.nn.sigmoid(delta.astype(jnp.float32) + delta_bias)
+    return jnp.where(valid, ddt, 0.0)
 
 
 def silu_and_grad(z):

@@ -316,7 +316,7 @@ def _backward_kernel(
             adj_b = jnp.sum(adj * bt[:, None], axis=0)
             adj_ah = adj * a * h_prev
             ddt = jnp.sum(adj_ah * a_nat, axis=0) + u * adj_b
-            ddelta = ddt * common.step_size_grad(delta, bias, valid, cfg.delta_softplus)
+            ddelta = common.step_size_vjp(ddt, delta, bias, valid, cfg.delta_softplus)
             _store_row(du_ref, b, t, ds, gy * dskip + dt * adj_b, inside)
             _store_row(ddelta_ref, b, t, ds, ddelta, inside)
             da = da + adj_ah * dt[None, :]

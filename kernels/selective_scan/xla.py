@@ -157,7 +157,7 @@ def _chunk_backward(cfg, h0, dh, g, u, delta, B, C, z, A, D, delta_bias, mask):
     mu_b = _dot_state(mu, b32)
     mu_ah = mu * a * _shift(h, h0, cfg.reverse)
     ddt = jnp.sum(mu_ah * A, axis=-1) + u32 * mu_b
-    ddelta = ddt * common.step_size_grad(delta, delta_bias, valid, cfg.delta_softplus)
+    ddelta = common.step_size_vjp(ddt, delta, delta_bias, valid, cfg.delta_softplus)
     first = -1 if cfg.reverse else 0
     per_token = (
         gy * D + dt * mu_b,

@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# GPU measurement batch for a lent H100/H200 (device tool): correctness first, then timings.
+#   bash scripts/gpu_suite.sh scan|unet|pcm|train|sample ...   (sections to run; default: scan unet pcm)
+# Logs go to $OUT (or ./gpu_out): summary.log (tails) and full.log. Each step has its own timeout so one failure does not stop the rest.
+# Numbers belong in docs/benchmarks.md with date, device, jax version and the command.
+set -u
+OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
+export JAX_PLATFORMS=cuda PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_MEM_FRACTION=0.92
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site
+fi
+# The device machine cannot reach a package index, so no `pip install -e .`: expose kernels/ the way
+# setup.py installs it (as actalker_jax.kernels) and import the package from the tree.
+[ -e actalker_jax/kernels ] || ln -s ../kernels actalker_jax/kernels
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+step() {  # step NAME TIMEOUT_S COMMAND...
+  local name=$1 limit=$2; shift 2
+  echo "=== $name: $*" | tee -a "$OUT/summary.log"
+  local t0=$SECONDS
+  timeout "$limit" "$@" >"$OUT/step.log" 2>&1; local rc=$?
+  { echo "=== $name"; cat "$OUT/step.log"; } >>"$OUT/full.log"
+  grep -v "cuda_timer.cc" "$OUT/step.log" | tail -n 25 | tee -a "$OUT/summary.log"; rm -f "$OUT/step.log"
+  echo "--- $name rc=$rc ($((SECONDS - t0)) s)" | tee -a "$OUT/summary.log"
+}
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/summary.log"
+python3 -c "import jax; print('jax', jax.__version__, jax.devices())" | tee -a "$OUT/summary.log"
+sections=${*:-scan unet pcm}
+for section in $sections; do
+  case $section in
+    scan)
+      step scan_tests 300 python3 -m pytest -q -x -p no:cacheprovider tests/test_selective_scan.py
+      step scan_check_bf16 120 python3 -m actalker_jax.bench.scan --impl pallas --shape paper-video --check
+      step scan_check_f32 120 python3 -m actalker_jax.bench.scan --impl pallas --shape paper-video --dtype float32 --check
+      step scan_video 180 python3 -m actalker_jax.bench.scan --impl all --shape paper-video
+      step scan_frame 180 python3 -m actalker_jax.bench.scan --impl all --shape paper-frame ;;
+    unet)
+      step unet_fwd 240 python3 -m actalker_jax.bench.unet --config svd_xt --frames 14 --latent 64x64 --dtype bfloat16 --mode forward ;;
+    pcm)
+      for preset in svd-320 svd-640 svd-1280; do
+        step "pcm_$preset" 180 python3 -m actalker_jax.bench.pcm --preset "$preset" --dtype bfloat16 --impl auto
+      done ;;
+    train)
+      step train_14 420 python3 -m actalker_jax.bench.train --config configs/actalker_svd_xt.py --frames 14 ;;
+    *) echo "unknown section $section" ;;
+  esac
+done
