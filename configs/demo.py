@@ -27,6 +27,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.synthetic_frames = 25
     c.synthetic_size = 64
 
+    # How raw media become model inputs and back (read by sampling and evaluation from the stored config).
+    c.media = ml_collections.ConfigDict(dict(
+        autoencoder="pixel_unshuffle",  # "pixel_unshuffle" (demo, exact, factor 4) | "vae" (SVD VAE at vae_path)
+        vae_path="",                    # converted Flax VAE (python -m actalker_jax.convert svd), for "vae"
+        audio_features="log_mel",       # "log_mel" (demo_encoders) | "whisper" (data/audio.py, whisper_path)
+        whisper_path="",
+        face_finder="synthetic",        # "synthetic" (fits the demo renderer) | "dlib" (real photos)
+        image_size=64,                  # square frame side in pixels
+        fps=12.5,
+    ))
+
     c.data = default_data_config()
     c.data.n_frames = 8
     c.data.batch_size = 2
