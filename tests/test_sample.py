@@ -114,7 +114,8 @@ def test_loads_the_checkpoint(loaded, workdir):
 
 @pytest.mark.parametrize("multiple", [1.0, 2.3, 3.0])
 def test_frame_count(loaded, clip, one_window, multiple):
-    """T = floor(duration x fps) for 1x, 2.3x and 3x the window; one trace of the step for all of them."""
+    """T = floor(duration x fps) for 1x, 2.3x and 3x the window. No recompilation per window: the jitted step is
+    traced once for every window, step and call (3x: 4 windows x 2 steps)."""
     frames = one_window if multiple == 1.0 else run(loaded, clip, multiple * WINDOW)
     assert frames.shape == (int(multiple * WINDOW), SIZE, SIZE, 3) and frames.dtype == np.uint8
     assert loaded.traces == 1
@@ -199,3 +200,18 @@ def test_mismatched_checkpoint_config(workdir, tmp_path):
         json.dump(stored, f)
     with pytest.raises(sample.InputError, match=r"lacks config\.media\.face_finder"):
         sample.load_model(step_dir)
+
+
+def test_circular_windows():
+    """Spec §6: windows of W start at j·W − shift (mod N), cover every frame, the wrap-around one twice."""
+    from actalker_jax import diffusion
+
+    windows = diffusion.circular_windows(35, 25, 0)
+    np.testing.assert_array_equal(windows[0], np.arange(25))
+    np.testing.assert_array_equal(windows[1], np.r_[25:35, 0:15])
+    shifted = diffusion.circular_windows(35, 25, diffusion.window_shift(1, 25))
+    np.testing.assert_array_equal(shifted[0], np.r_[28:35, 0:18])
+    assert [diffusion.window_shift(i, 25) for i in range(5)] == [0, 7, 14, 21, 3]
+    for n, w, shift in [(8, 4, 3), (13, 4, 1), (50, 25, 21)]:
+        counts = np.bincount(diffusion.circular_windows(n, w, shift).ravel(), minlength=n)
+        assert counts.min() == 1 and counts.max() <= 2 and counts.sum() == -(-n // w) * w
