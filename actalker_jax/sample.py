@@ -113,7 +113,7 @@ def load_model(path: str) -> LoadedModel:
     """
     import orbax.checkpoint as ocp
 
-    from actalker_jax.train import flatten, model_config, unflatten
+    from actalker_jax.train import TrainError, flatten, model_config, unflatten
 
     step_dir, step = _step_dir(path)
     try:
@@ -124,7 +124,7 @@ def load_model(path: str) -> LoadedModel:
     try:
         media = Media(config)
         mcfg = model_config(config)
-    except (MediaError, ValueError) as err:
+    except (MediaError, TrainError, ValueError) as err:
         raise InputError("checkpoint", f"{step_dir}: {err}") from None
     dtype = jnp.dtype(config.get("compute_dtype", "float32"))
     graphdef, abstract = nnx.split(nnx.eval_shape(lambda: ACTalkerModel(mcfg, rngs=nnx.Rngs(0), dtype=dtype)))
@@ -139,7 +139,7 @@ def load_model(path: str) -> LoadedModel:
     restored = ocp.PyTreeCheckpointer().restore(os.path.join(step_dir, "state"), args=ocp.args.PyTreeRestore(
         item=target, restore_args=restore_args, partial_restore=True))
     model = nnx.merge(graphdef, unflatten(abstract, restored[item]))
-    window = min(MAX_WINDOW, int(config.data.n_frames))
+    window = min(MAX_WINDOW, int(config.get("data", {}).get("n_frames", MAX_WINDOW)))
     return LoadedModel(model=model, config=config, step=step, path=step_dir, media=media, window=window)
 
 

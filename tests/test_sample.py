@@ -141,14 +141,14 @@ def test_motion_control_needs_motion(loaded, clip):
 def test_command_writes_mp4_with_audio(workdir, clip, tmp_path, capsys):
     import av
 
-    image, audio, features, out = (str(tmp_path / n) for n in ("ref.png", "speech.wav", "motion.npy", "out.mp4"))
+    image, audio, driving, out = (str(tmp_path / n) for n in ("ref.png", "speech.wav", "driving.mp4", "out.mp4"))
     from PIL import Image
 
     Image.fromarray(clip["frames"][0]).save(image)
     frames = round(2.3 * WINDOW)
     synthetic.write_wav(audio, clip["wav"][:int(2.3 * WINDOW * SAMPLES_PER_FRAME)])
-    np.save(features, motion_of(clip))
-    assert sample.main(["--workdir", workdir, "--image", image, "--audio", audio, "--motion-features", features,
+    synthetic.write_mp4(driving, clip["frames"], clip["fps"])
+    assert sample.main(["--workdir", workdir, "--image", image, "--audio", audio, "--motion", driving,
                         "--control", "both", "--out", out, "--steps", str(STEPS), "--no-progress"]) == 0
     assert json.loads(capsys.readouterr().out)["frames"] == frames
     with av.open(out) as container:
@@ -160,6 +160,15 @@ def test_command_writes_mp4_with_audio(workdir, clip, tmp_path, capsys):
         audio_seconds = float(sound.duration * sound.time_base)
     assert abs(video_seconds - frames / 12.5) < 1e-3
     assert abs(audio_seconds - frames / 12.5) < 0.07  # AAC frames of 1024 samples
+
+
+def test_motion_features_files(clip, tmp_path):
+    """--motion-features: .npy [expression ; pose] as generate takes it, or .npz with the records' keys."""
+    motion = motion_of(clip)
+    np.save(tmp_path / "m.npy", motion)
+    np.savez(tmp_path / "m.npz", motion=motion[:, :3], pose=motion[:, 3:])
+    np.testing.assert_array_equal(sample.read_motion_features(str(tmp_path / "m.npy")), motion)
+    np.testing.assert_array_equal(sample.read_motion_features(str(tmp_path / "m.npz")), motion)
 
 
 def test_errors_name_the_input(loaded, workdir, clip, tmp_path, capsys):
