@@ -376,7 +376,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-_FLAGS = dict(image="--image", audio="--audio", motion="--motion", checkpoint="--checkpoint")
+_FLAGS = dict(image="--image", audio="--audio", motion="--motion")
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -415,7 +415,8 @@ def main(argv=None) -> int:
     try:
         summary = run(args)
     except InputError as err:
-        flag = _FLAGS.get(err.input, err.input)
+        flag = ("--workdir" if args.workdir else "--checkpoint") if err.input == "checkpoint" else \
+            _FLAGS.get(err.input, err.input)
         given = {"image": args.image, "audio": args.audio, "motion": args.motion or args.motion_features,
                  "checkpoint": None}.get(err.input)
         name = f"{flag} {given}" if given and given not in err.detail else flag
