@@ -5,7 +5,7 @@
 | field            | meaning                                                                        |
 |------------------|--------------------------------------------------------------------------------|
 | lr               | peak learning rate                                                             |
-| warmup_steps     | linear warm-up from 0 to lr                                                    |
+| warmup_steps     | linear warm-up to lr: update k (from 0) uses lr * min(1, (k + 1) / warmup_steps) |
 | schedule         | "constant" (official) or "cosine" (decay to lr * final_lr_ratio at total_steps) |
 | final_lr_ratio   | end of the cosine decay, as a fraction of lr                                   |
 | b1, b2, eps      | Adam moments                                                                   |
@@ -33,7 +33,10 @@ def learning_rate_schedule(config, total_steps: int) -> optax.Schedule:
         after = optax.cosine_decay_schedule(config.lr, decay_steps, alpha=config.final_lr_ratio)
     else:
         raise ValueError(f"config.optim.schedule must be 'constant' or 'cosine', got {config.schedule!r}")
-    return optax.join_schedules([warmup, after], [int(config.warmup_steps)])
+    schedule = optax.join_schedules([warmup, after], [int(config.warmup_steps)])
+    # Update k (counting from 0) uses the rate of step k + 1, so the first update is lr / warmup_steps
+    # rather than 0 (a zero first update would waste a step, and a whole accumulation cycle with MultiSteps).
+    return lambda count: schedule(count + 1)
 
 
 def trainable_params(params: dict, config) -> tuple[dict, dict]:

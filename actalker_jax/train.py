@@ -8,6 +8,7 @@ Re-running the same command resumes from the newest complete checkpoint in `--wo
 import dataclasses
 import json
 import os
+import re
 import signal
 import sys
 import time
@@ -455,6 +456,25 @@ def _progress(total: int, initial: int):
     return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, disable=jax.process_index() != 0)
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl flag parsing whose config errors end the program with one line naming the flag.
+
+    A wrong type (`--config.total_steps=abc`) is an absl flags error; an unknown key (`--config.bogus=1`)
+    surfaces from ml_collections as a KeyError / AttributeError carrying the key.
+    """
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as err:
+        message = str(err)
+    except (KeyError, AttributeError) as err:
+        found = re.search(r"'(\w+)", str(err))
+        key = found.group(1) if found else str(err)
+        culprits = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.") and key in a.split("=")[0].split(".")]
+        message = f"{culprits[0] if culprits else '--config'}: the config has no key {key!r}"
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -468,4 +488,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

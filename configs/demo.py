@@ -27,6 +27,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.synthetic_frames = 25
     c.synthetic_size = 64
 
+    # Pretrained weights (converted checkpoints, see configs/actalker_svd_xt.py); the demo starts from scratch.
+    c.init = ml_collections.ConfigDict(dict(unet="", actalker=""))
+
     # How raw media become model inputs and back (read by sampling and evaluation from the stored config).
     c.media = ml_collections.ConfigDict(dict(
         autoencoder="pixel_unshuffle",  # "pixel_unshuffle" (demo, exact, factor 4) | "vae" (SVD VAE at vae_path)

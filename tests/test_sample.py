@@ -59,7 +59,7 @@ def save_checkpoint(workdir: str, config, step: int = 1) -> None:
     abstract = train.flatten(nnx.split(nnx.eval_shape(
         lambda: ACTalkerModel(train.model_config(config), rngs=nnx.Rngs(0))))[1])
     params = random_params(abstract)
-    optimizer = optim.make_optimizer(config.optim, abstract, int(config.total_steps))
+    optimizer = optim.make_optimizer(config.optim, int(config.total_steps))
     opt_state = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), jax.eval_shape(optimizer.init, abstract))
     state = dict(params=params, opt_state=opt_state, step=np.int32(step), key=jax.random.key(0))
     manager = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"), item_handlers=dict(

@@ -76,11 +76,12 @@ def test_resume_equals_uninterrupted_run(records_dir, straight_run, tmp_path):
         np.testing.assert_array_equal(a[key], b[key])
 
 
-def test_sharded_steps_equal_single_device(records_dir, straight_run, tmp_path):
-    """The same two steps on a (data=2, fsdp=4) mesh of 8 CPU devices."""
+@pytest.mark.parametrize("data,fsdp,tensor", [(2, 4, 1), (2, 2, 2)])
+def test_sharded_steps_equal_single_device(records_dir, straight_run, tmp_path, data, fsdp, tensor):
+    """The same two steps on meshes of 8 CPU devices: (data=2, fsdp=4) and (data=2, fsdp=2, tensor=2)."""
     assert jax.device_count() >= 8
     config = tiny_config(records_dir, **{"data.batch_size": 8, "mesh.devices": -1})
-    config.mesh.data, config.mesh.fsdp = 2, 4
+    config.mesh.data, config.mesh.fsdp, config.mesh.tensor = data, fsdp, tensor
     sharded = train.train(config, str(tmp_path))
     for x, y in zip(leaves(straight_run.state["params"]), leaves(sharded.state["params"]), strict=True):
         np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
@@ -91,6 +92,71 @@ def test_bad_configs_name_the_key(records_dir, tmp_path):
         train.train(tiny_config(records_dir, **{"mesh.data": 3, "mesh.devices": -1}), str(tmp_path / "m"))
     with pytest.raises(train.TrainError, match="config.data.batch_size"):
         train.train(tiny_config(records_dir, **{"data.batch_size": 3, "mesh.devices": 2}), str(tmp_path / "b"))
+
+
+def test_missing_weights_path_names_the_key(records_dir, tmp_path):
+    with pytest.raises(train.TrainError, match="config.init.unet: no converted checkpoint at '/no/such/unet'"):
+        train.train(tiny_config(records_dir, **{"init.unet": "/no/such/unet"}), str(tmp_path))
+
+
+@pytest.mark.parametrize("override,message", [
+    ("--config.optim.lrr=1", "error: --config.optim.lrr: the config has no key 'lrr'"),
+    ("--config.total_steps=abc", "error: flag --config.total_steps=abc: invalid literal for int()"),
+])
+def test_bad_command_line_config_is_one_line(tmp_path, override, message):
+    config_path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "demo.py")
+    result = subprocess.run([sys.executable, "-m", "actalker_jax.train", "--config", config_path, "--workdir",
+                             str(tmp_path), override], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith(message), result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+
+
+def test_frozen_groups_accumulation_and_ema(records_dir, tmp_path):
+    """trainable="mamba_blocks" + grad_accum 2 + EMA 0.5: frozen weights never move and hold no optimizer
+    state; trainable ones move only on the second micro-step; EMA follows decay * ema + (1 - decay) * params."""
+    overrides = {"optim.trainable": "mamba_blocks", "optim.grad_accum": 2, "optim.ema_decay": 0.5,
+                 "data.batch_size": 2}
+    init = train.train(tiny_config(records_dir, total_steps=0, **overrides), str(tmp_path / "init")).state
+    one = train.train(tiny_config(records_dir, total_steps=1, **overrides), str(tmp_path / "run")).state
+    params_one = {k: np.asarray(v) for k, v in one["params"].items()}
+    two = train.train(tiny_config(records_dir, total_steps=2, **overrides), str(tmp_path / "run")).state
+    trainable = [k for k in init["params"] if "mamba_blocks" in k]
+    assert trainable and len(trainable) < len(init["params"])
+    for key, value in init["params"].items():
+        value = np.asarray(value)
+        np.testing.assert_array_equal(params_one[key], value)  # first micro-step: no update at all
+        if key in trainable:
+            np.testing.assert_allclose(np.asarray(two["ema"][key]), 0.5 * value + 0.5 * np.asarray(two["params"][key]),
+                                       rtol=1e-6, atol=1e-7)
+        else:
+            np.testing.assert_array_equal(np.asarray(two["params"][key]), value)
+    assert any(not np.array_equal(np.asarray(two["params"][k]), np.asarray(init["params"][k])) for k in trainable)
+    state_keys = {getattr(entry, "key", None) for path, _ in jax.tree_util.tree_flatten_with_path(two["opt_state"])[0]
+                  for entry in path}
+    assert {k for k in state_keys if isinstance(k, str)} == set(trainable)
+
+
+def test_init_from_a_converted_unet(records_dir, tmp_path):
+    """config.init.unet loads every SVD UNet weight; the IP-adapter K/V start from the loaded attn2 K/V."""
+    from flax import nnx
+
+    from actalker_jax import convert
+    from actalker_jax.models.unet import UNetSpatioTemporalConditionModel
+
+    config = tiny_config(records_dir, total_steps=0)
+    unet = UNetSpatioTemporalConditionModel(train.model_config(config).unet, rngs=nnx.Rngs(7))
+    convert.save_converted(str(tmp_path / "converted"), "unet", unet, unet.config)
+    saved = train.flatten(nnx.state(unet, nnx.Param))
+    config.init.unet = str(tmp_path / "converted" / "unet")
+    params = train.train(config, str(tmp_path / "run")).state["params"]
+    for key, value in saved.items():
+        np.testing.assert_array_equal(np.asarray(params["unet." + key]), np.asarray(value))
+    ip_keys = [k for k in params if ".processor.to_k_ip." in k]
+    assert ip_keys
+    for key in ip_keys:
+        layer = key.split(".processor.")[0]
+        np.testing.assert_array_equal(np.asarray(params[key]), np.asarray(saved[layer[len("unet."):] + ".to_k.kernel"]))
 
 
 def test_non_finite_loss_stops_naming_the_step(records_dir, tmp_path, monkeypatch):
