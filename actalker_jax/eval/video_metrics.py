@@ -8,6 +8,8 @@
     cosine(a, b)                        # identity embeddings (D,) -> cosine similarity
 """
 
+import warnings
+
 import numpy as np
 
 from actalker_jax.data import synthetic
@@ -49,7 +51,9 @@ def frechet_distance(feats_a: np.ndarray, feats_b: np.ndarray) -> float:
         raise EvalError(f"Fréchet distance needs >= 2 feature vectors of one size per set, got {a.shape} and {b.shape}")
     mu_a, mu_b = a.mean(0), b.mean(0)
     cov_a, cov_b = np.atleast_2d(np.cov(a, rowvar=False)), np.atleast_2d(np.cov(b, rowvar=False))
-    root = linalg.sqrtm(cov_a @ cov_b)
+    with warnings.catch_warnings():      # few samples: singular covariances are expected, handled below
+        warnings.simplefilter("ignore", linalg.LinAlgWarning)
+        root = linalg.sqrtm(cov_a @ cov_b)
     if not np.isfinite(root).all():
         offset = np.eye(len(cov_a)) * 1e-6
         root = linalg.sqrtm((cov_a + offset) @ (cov_b + offset))
