@@ -151,3 +151,26 @@ def test_run_control_rejects_bad_sampler_output(clips, tmp_path):
     with pytest.raises(ValueError, match=r"held-out clip 0: generate returned float32 \(25, 64, 64\)"):
         control.run_control(loaded, lambda *a, **k: np.zeros((25, 64, 64), np.float32), num_clips=1,
                             out=str(tmp_path))
+
+
+def test_control_command_writes_into_the_workdir(clips, tmp_path, monkeypatch, capsys):
+    """`evaluate control` wiring: sample.load_model(workdir) and sample.generate (stand-ins here), default --out."""
+    import sys
+
+    import actalker_jax
+    from actalker_jax import evaluate
+
+    generate, calls = _stand_in(clips[:1])
+    loaded = types.SimpleNamespace(config=configs_demo.get_config(), step=42, model=None)
+    fake = types.ModuleType("actalker_jax.sample")
+    fake.load_model = lambda path: loaded if path == str(tmp_path) else None
+    fake.generate = generate
+    monkeypatch.setitem(sys.modules, "actalker_jax.sample", fake)
+    monkeypatch.setattr(actalker_jax, "sample", fake, raising=False)
+    result = evaluate.main(["control", "--workdir", str(tmp_path), "--num-clips", "1", "--steps", "2", "--seed", "9"])
+    assert result["checkpoint_step"] == 42 and sorted(c[:4] for c in calls) == sorted(
+        (m, m == "audio", 9, 2) for m in control_metrics.MODES)
+    assert {"control.json", "control.png", "control.md"} <= set(os.listdir(tmp_path))
+    assert "| both | +1.000 | +1.000 | +1.000 |" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="evaluate control: --num-clips must be >= 1, got 0"):
+        evaluate.main(["control", "--workdir", str(tmp_path), "--num-clips", "0"])

@@ -169,3 +169,42 @@ def test_video_command_bad_inputs(case, message, tmp_path, capsys):
         evaluate.main(args)
     text = str(exc.value)
     assert text.startswith("evaluate video: ") and message.format(tmp=tmp_path) in text and "\n" not in text
+
+
+class _BrightnessAnalyzer:
+    """A `face.FaceAnalyzer` stand-in: a fixed face box, the inner-lip gap = the frame's mean brightness / 10."""
+
+    def track(self, frames):
+        from actalker_jax.data import face
+
+        count = len(frames)
+        landmarks = np.zeros((count, 68, 2), np.float32)
+        landmarks[:, 45, 0] = 10.0
+        for a, b in video_metrics.INNER_LIP_PAIRS:
+            landmarks[:, b, 1] = frames.mean((1, 2, 3)) / 10
+        return face.FaceTrack(boxes=np.tile(np.float32([16, 16, 48, 48]), (count, 1)), landmarks=landmarks,
+                              detected=np.ones(count, bool), id_embed=np.float32([1, 2, 3]), ref_index=0)
+
+
+def test_video_command_lip_sync_identity_and_syncnet(weights, tmp_path):
+    """Frames whose brightness follows the audio loudness: lip sync ~1 with the sidecar audio, ~0 when shifted."""
+    from actalker_jax.data import synthetic
+    from actalker_jax.eval import video
+
+    rng = np.random.default_rng(0)
+    loudness = rng.uniform(0.05, 1.0, 16)
+    frames = np.repeat((40 + 200 * loudness).astype(np.uint8)[:, None, None, None], 64, 1).repeat(64, 2).repeat(3, 3)
+    for root in ("pred", "ref"):
+        os.makedirs(tmp_path / root)
+        video_io.write_video(str(tmp_path / root / "a.mp4"), frames, 12.5)
+    wav = (rng.normal(0, 0.2, 16 * 1280) * np.repeat(loudness, 1280)).astype(np.float32)
+    synthetic.write_wav(str(tmp_path / "pred" / "a.wav"), wav)
+    result = video.run_video(str(tmp_path / "pred"), str(tmp_path / "ref"), out=str(tmp_path), dlib=True,
+                             syncnet=weights["syncnet"], analyzer=_BrightnessAnalyzer())
+    metrics = result["videos"]["a.mp4"]
+    assert metrics["lip_sync"] > 0.95 and metrics["identity"] == pytest.approx(1.0)
+    assert np.isfinite([metrics["sync_c"], metrics["sync_d"]]).all() and abs(metrics["sync_offset"]) <= 15
+    synthetic.write_wav(str(tmp_path / "pred" / "a.wav"), np.roll(wav, 5 * 1280))
+    result = video.run_video(str(tmp_path / "pred"), str(tmp_path / "ref"), out=str(tmp_path), dlib=True,
+                             analyzer=_BrightnessAnalyzer())
+    assert abs(result["videos"]["a.mp4"]["lip_sync"]) < 0.5

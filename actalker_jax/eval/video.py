@@ -64,15 +64,19 @@ def _face_metrics(analyzer, pred: np.ndarray, ref: np.ndarray, wav: np.ndarray, 
 
 
 def run_video(pred_dir: str, ref_dir: str, *, out: str, inception: str | None = None, i3d: str | None = None,
-              lpips: str | None = None, syncnet: str | None = None, dlib: bool = True) -> dict:
-    """Computes the metrics (see the module docstring), writes video.json and video.md into `out`."""
+              lpips: str | None = None, syncnet: str | None = None, dlib: bool = True, analyzer=None) -> dict:
+    """Computes the metrics (see the module docstring), writes video.json and video.md into `out`.
+
+    analyzer: a `face.FaceAnalyzer` for the landmark metrics and SyncNet crops (default: `face.DlibFaceAnalyzer`).
+    """
     from actalker_jax.data import face
 
     pairs = video_pairs(pred_dir, ref_dir)
     nets = dict(inception=inception and feature_nets.load_inception(inception),
                 i3d=i3d and feature_nets.load_i3d(i3d), lpips=lpips and feature_nets.load_lpips(lpips),
                 syncnet=syncnet and syncnet_lib.load_syncnet(syncnet))
-    analyzer = face.DlibFaceAnalyzer() if dlib or syncnet else None
+    if analyzer is None and (dlib or syncnet):
+        analyzer = face.DlibFaceAnalyzer()
     videos, feats = {}, dict(inception=([], []), i3d=([], []))
     for name, pred_path, ref_path in pairs:
         pred, ref, fps = load_pair(pred_path, ref_path)
@@ -87,7 +91,7 @@ def run_video(pred_dir: str, ref_dir: str, *, out: str, inception: str | None = 
             for store, frames in zip(feats["i3d"], (pred, ref)):
                 if clips:
                     store.append(nets["i3d"](frames[:clips * FVD_FRAMES].reshape(clips, FVD_FRAMES, *frames.shape[1:])))
-        if analyzer is not None:
+        if dlib or nets["syncnet"]:
             wav = video_io.PyAVDecoder(fps).audio(pred_path)
             try:
                 face_metrics, track = _face_metrics(analyzer, pred, ref, wav, fps)
