@@ -62,12 +62,14 @@ def test_measurement_tracks_ground_truth_and_not_shuffled_time(clips):
 
 
 def test_measurement_survives_blur_and_noise(clips):
-    clip = clips[1]
-    frames = gaussian_filter(clip["frames"].astype(np.float32), (0, 1, 1, 0))
-    frames += np.random.default_rng(0).normal(0, 6, frames.shape)
-    measured = control_metrics.fit_motion(np.clip(np.round(frames), 0, 255).astype(np.uint8), clip["appearance"])
-    for q in control_metrics.QUANTITIES:
-        assert control_metrics.pearson(measured[q], clip["truth"][q]) >= 0.9, q
+    """Generated frames are rarely sharp: the fit picks a matching render blur (RENDER_SIGMAS) per clip."""
+    for i, (sigma, noise) in enumerate(((1.0, 6.0), (1.5, 6.0), (2.0, 4.0))):
+        clip = clips[i]
+        frames = gaussian_filter(clip["frames"].astype(np.float32), (0, sigma, sigma, 0))
+        frames += np.random.default_rng(i).normal(0, noise, frames.shape)
+        measured = control_metrics.fit_motion(np.clip(np.round(frames), 0, 255).astype(np.uint8), clip["appearance"])
+        for q in control_metrics.QUANTITIES:
+            assert control_metrics.pearson(measured[q], clip["truth"][q]) >= 0.95, (sigma, q)
 
 
 def test_metric_helpers():

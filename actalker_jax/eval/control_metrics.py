@@ -9,10 +9,11 @@ and radii), so each frame is explained by the four motion parameters of `synthet
 eye openness, brow height (fitted so that it does not bias the others) and head yaw. Per frame: a grid search
 over yaw (`YAW_GRID`, other parameters at `START`), a joint grid over mouth and eye openness (`OPEN_GRID`; the
 eye error is non-convex: a nearly closed eye is a dark slit), then `LM_STEPS` Levenberg-Marquardt steps on the squared
-pixel error with forward-difference Jacobians (`FD_STEP`), parameters kept inside `LOWER`/`UPPER`. Renders and
-frames are compared after a `BLUR_SIGMA` pixel Gaussian blur, which keeps the fit on slightly blurred or noisy
-generated frames. All frames are fitted together (one batched numpy render per step): ~0.4 s for a 25-frame
-64x64 clip on one core.
+pixel error with forward-difference Jacobians (`FD_STEP`), parameters kept inside `LOWER`/`UPPER`. Frames are
+compared after a `BLUR_SIGMA` pixel Gaussian blur with renders blurred by the `RENDER_SIGMAS` entry that fits
+`PROBE_FRAMES` frames of the clip best (sharp renders, or renders as blurry as the generated frames: blur would
+otherwise bias the eye openness). All frames are fitted together (one batched numpy render per step): ~0.5 s for
+a 25-frame 64x64 clip on one core.
 
 Metrics: `*_corr` = Pearson correlation of a measured quantity with its own driving ground truth (mouth <-
 audio loudness envelope, eye openness and yaw <- motion); `*_leak` = correlation with the other signal's
@@ -37,24 +38,26 @@ FD_STEP = np.array([0.02, 0.02, 0.02, 0.5])
 YAW_GRID = np.arange(-35.0, 35.1, 5.0)
 OPEN_GRID = np.linspace(0.0, 1.0, 11)
 LM_STEPS = 5
-BLUR_SIGMA = 1.0
+BLUR_SIGMA = 1.0                 # frames and renders are compared blurred ...
+RENDER_SIGMAS = (1.0, 1.4, 1.8)  # ... renders by the one of these that fits the clip best (frames sharp or blurred)
+PROBE_FRAMES = 4                 # frames the blur is chosen on
 # Below these standard deviations a measured series counts as still: the fit's crosstalk between features on
 # exact renders is < 1e-3 (mouth, eye) and < 0.01 deg (yaw).
 RESOLUTION = dict(mouth=0.01, eye=0.01, yaw=0.1)
 PSNR_CAP = 100.0   # dB reported for identical pixels (JSON has no infinity)
 
 
-def _render(appearance: synthetic.Appearance, theta: np.ndarray, height: int, width: int) -> np.ndarray:
-    """theta (N, 4) = PARAMS -> (N, H, W, 3) float32 frames in [0, 255] (unrounded, so the error is smooth)."""
-    fields = {name: theta[:, i].astype(np.float32) for i, name in enumerate(PARAMS)}
-    return _blur(synthetic.render_face(synthetic.FaceParams(appearance, **fields), height, width) * 255.0)
-
-
-def _blur(frames: np.ndarray) -> np.ndarray:
-    """Gaussian blur (BLUR_SIGMA pixels) of (N, H, W, 3) frames."""
+def _blur(frames: np.ndarray, sigma: float) -> np.ndarray:
+    """Gaussian blur (sigma pixels) of (N, H, W, 3) frames."""
     from scipy.ndimage import gaussian_filter
 
-    return gaussian_filter(frames, (0, BLUR_SIGMA, BLUR_SIGMA, 0), mode="nearest")
+    return gaussian_filter(frames, (0, sigma, sigma, 0), mode="nearest")
+
+
+def _render(appearance: synthetic.Appearance, theta: np.ndarray, height: int, width: int, sigma: float) -> np.ndarray:
+    """theta (N, 4) = PARAMS -> (N, H, W, 3) float32 frames in [0, 255], unrounded (a smooth error), blurred."""
+    fields = {name: theta[:, i].astype(np.float32) for i, name in enumerate(PARAMS)}
+    return _blur(synthetic.render_face(synthetic.FaceParams(appearance, **fields), height, width) * 255.0, sigma)
 
 
 def _errors(renders: np.ndarray, frames: np.ndarray) -> np.ndarray:
@@ -62,31 +65,29 @@ def _errors(renders: np.ndarray, frames: np.ndarray) -> np.ndarray:
     return ((renders - frames[:, None]) ** 2).sum((2, 3, 4))
 
 
-def fit_motion(frames: np.ndarray, appearance: synthetic.Appearance) -> dict[str, np.ndarray]:
-    """frames (T, H, W, 3) uint8 of one synthetic face -> fitted mouth, eye, brow in [0, 1], yaw (deg), (T,) each."""
-    frames = np.asarray(frames)
-    if frames.ndim != 4 or frames.shape[-1] != 3:
-        raise ValueError(f"fit_motion expects frames (T, H, W, 3), got shape {frames.shape}")
-    count, height, width, _ = frames.shape
-    target = _blur(frames.astype(np.float32))
+def _fit(target: np.ndarray, appearance: synthetic.Appearance, sigma: float) -> tuple[np.ndarray, np.ndarray]:
+    """Blurred frames (T, H, W, 3) -> (theta (T, 4), squared error (T,)) of renders blurred by sigma."""
+    count, height, width, _ = target.shape
     grid = np.tile(START, (count, len(YAW_GRID), 1))
     grid[..., 3] = YAW_GRID
-    renders = _render(appearance, grid.reshape(-1, 4), height, width).reshape(count, len(YAW_GRID), height, width, 3)
+    renders = _render(appearance, grid.reshape(-1, 4), height, width, sigma).reshape(
+        count, len(YAW_GRID), height, width, 3)
     theta = grid[np.arange(count), np.argmin(_errors(renders, target), axis=1)]
     # Eyes and mouth on a joint grid: the eyes lie above the nose centre, the mouth below it, so each half's
     # error depends on one of them only (the brows stay fixed).
     grid = np.repeat(theta[:, None], len(OPEN_GRID), axis=1)
     grid[..., 0] = grid[..., 1] = OPEN_GRID
-    renders = _render(appearance, grid.reshape(-1, 4), height, width).reshape(count, len(OPEN_GRID), height, width, 3)
+    renders = _render(appearance, grid.reshape(-1, 4), height, width, sigma).reshape(
+        count, len(OPEN_GRID), height, width, 3)
     split = int(round(appearance.cy * height + appearance.ry * height * synthetic.GEOMETRY["nose_v"]))
     theta[:, 0] = OPEN_GRID[np.argmin(_errors(renders[:, :, split:], target[:, split:]), axis=1)]
     theta[:, 1] = OPEN_GRID[np.argmin(_errors(renders[:, :, :split], target[:, :split]), axis=1)]
-    base = _render(appearance, theta, height, width)
+    base = _render(appearance, theta, height, width, sigma)
     error = ((base - target) ** 2).sum((1, 2, 3))
     damping = np.full(count, 1e-2)
     for _ in range(LM_STEPS):
         shifted = theta[:, None, :] + np.diag(FD_STEP)[None]
-        jac = (_render(appearance, shifted.reshape(-1, 4), height, width).reshape(count, 4, -1)
+        jac = (_render(appearance, shifted.reshape(-1, 4), height, width, sigma).reshape(count, 4, -1)
                - base.reshape(count, 1, -1)) / FD_STEP[None, :, None]
         residual = (base - target).reshape(count, -1)
         normal = np.einsum("tip,tjp->tij", jac, jac)
@@ -94,13 +95,25 @@ def fit_motion(frames: np.ndarray, appearance: synthetic.Appearance) -> dict[str
         diagonal = np.einsum("tii->ti", normal) + 1e-6
         system = normal + (damping[:, None] * diagonal)[:, :, None] * np.eye(4)
         trial = np.clip(theta - np.linalg.solve(system, grad[..., None])[..., 0], LOWER, UPPER)
-        trial_render = _render(appearance, trial, height, width)
+        trial_render = _render(appearance, trial, height, width, sigma)
         trial_error = ((trial_render - target) ** 2).sum((1, 2, 3))
         better = trial_error < error
         theta = np.where(better[:, None], trial, theta)
         base = np.where(better[:, None, None, None], trial_render, base)
         error = np.where(better, trial_error, error)
         damping = np.where(better, damping * 0.3, damping * 10.0)
+    return theta, error
+
+
+def fit_motion(frames: np.ndarray, appearance: synthetic.Appearance) -> dict[str, np.ndarray]:
+    """frames (T, H, W, 3) uint8 of one synthetic face -> fitted mouth, eye, brow in [0, 1], yaw (deg), (T,) each."""
+    frames = np.asarray(frames)
+    if frames.ndim != 4 or frames.shape[-1] != 3:
+        raise ValueError(f"fit_motion expects frames (T, H, W, 3), got shape {frames.shape}")
+    target = _blur(frames.astype(np.float32), BLUR_SIGMA)
+    probe = target[::max(1, len(target) // PROBE_FRAMES)][:PROBE_FRAMES]
+    sigma = min(RENDER_SIGMAS, key=lambda s: _fit(probe, appearance, s)[1].sum())
+    theta, _ = _fit(target, appearance, sigma)
     return {name: theta[:, i].astype(np.float32) for i, name in enumerate(PARAMS)}
 
 
