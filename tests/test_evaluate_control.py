@@ -148,7 +148,7 @@ def test_run_control_with_an_ideal_model(clips, tmp_path):
 
 def test_run_control_rejects_bad_sampler_output(clips, tmp_path):
     loaded = types.SimpleNamespace(config=configs_demo.get_config(), step=0, model=None)
-    with pytest.raises(ValueError, match="mode audio, held-out clip 0: generate returned 3 frames for 25 frames of audio"):
+    with pytest.raises(ValueError, match="mode audio, held-out clip 0: generate returned 3 frames for 25 frames"):
         control.run_control(loaded, lambda *a, **k: np.zeros((3, 64, 64, 3), np.uint8), num_clips=1, out=str(tmp_path))
     with pytest.raises(ValueError, match=r"held-out clip 0: generate returned float32 \(25, 64, 64\)"):
         control.run_control(loaded, lambda *a, **k: np.zeros((25, 64, 64), np.float32), num_clips=1,

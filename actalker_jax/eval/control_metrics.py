@@ -8,8 +8,8 @@ The measurement does not use the model. The appearance of a synthetic clip is kn
 and radii), so each frame is explained by the four motion parameters of `synthetic.render_face`: mouth opening,
 eye openness, brow height (fitted so that it does not bias the others) and head yaw. Per frame: a grid search
 over yaw (`YAW_GRID`, other parameters at `START`), a joint grid over mouth and eye openness (`OPEN_GRID`; the
-eye error is non-convex: a nearly closed eye is a dark slit), then `LM_STEPS` Levenberg-Marquardt steps on the squared
-pixel error with forward-difference Jacobians (`FD_STEP`), parameters kept inside `LOWER`/`UPPER`. Frames are
+eye error is non-convex: a nearly closed eye is a dark slit), then `LM_STEPS` Levenberg-Marquardt steps on the
+squared pixel error with forward-difference Jacobians (`FD_STEP`), parameters kept inside `LOWER`/`UPPER`. Frames are
 compared after a `BLUR_SIGMA` pixel Gaussian blur with renders blurred by the `RENDER_SIGMAS` entry that fits
 `PROBE_FRAMES` frames of the clip best (sharp renders, or renders as blurry as the generated frames: blur would
 otherwise bias the eye openness). All frames are fitted together (one batched numpy render per step): ~0.5 s for
@@ -19,7 +19,8 @@ Metrics: `*_corr` = Pearson correlation of a measured quantity with its own driv
 audio loudness envelope, eye openness and yaw <- motion); `*_leak` = correlation with the other signal's
 ground truth (eye and yaw with the audio-driven mouth truth; the mouth with the motion truth: the component
 among eye, brow, yaw whose clip-averaged correlation is largest in magnitude). A series that does not move
-(standard deviation below `RESOLUTION`) has correlation 0 (no control, no leak). Values are averaged over clips; `None` where the mode lacks the driving signal.
+(standard deviation below `RESOLUTION`) has correlation 0 (no control, no leak). Values are averaged over clips;
+`None` where the mode lacks the driving signal.
 """
 
 import numpy as np

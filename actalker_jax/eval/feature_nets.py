@@ -150,7 +150,7 @@ def _inception_modules():
             return torch.cat([self.branch3x3_2(self.branch3x3_1(x)), b, F.max_pool2d(x, 3, 2)], 1)
 
     class BlockE(nn.Module):
-        def __init__(self, cin, w, max_pool):
+        def __init__(self, cin, max_pool, w):
             super().__init__()
             s = lambda c: _scaled(w, c)  # noqa: E731
             self.max_pool = max_pool
@@ -184,18 +184,15 @@ def _inception_modules():
             self.Conv2d_3b_1x1 = Conv(s(64), s(80), 1)
             self.Conv2d_4a_3x3 = Conv(s(80), s(192), 3)
             blocks, cin = [], s(192)
-            for name, make in (("Mixed_5b", lambda c: BlockA(c, 32, width)), ("Mixed_5c", lambda c: BlockA(c, 64, width)),
-                               ("Mixed_5d", lambda c: BlockA(c, 64, width)), ("Mixed_6a", lambda c: BlockB(c, width)),
-                               ("Mixed_6b", lambda c: BlockC(c, 128, width)),
-                               ("Mixed_6c", lambda c: BlockC(c, 160, width)),
-                               ("Mixed_6d", lambda c: BlockC(c, 160, width)),
-                               ("Mixed_6e", lambda c: BlockC(c, 192, width)), ("Mixed_7a", lambda c: BlockD(c, width)),
-                               ("Mixed_7b", lambda c: BlockE(c, width, False)),
-                               ("Mixed_7c", lambda c: BlockE(c, width, True))):
-                block = make(cin)
-                setattr(self, name, block)
+            for name, block, args in (("Mixed_5b", BlockA, (32,)), ("Mixed_5c", BlockA, (64,)),
+                                      ("Mixed_5d", BlockA, (64,)), ("Mixed_6a", BlockB, ()),
+                                      ("Mixed_6b", BlockC, (128,)), ("Mixed_6c", BlockC, (160,)),
+                                      ("Mixed_6d", BlockC, (160,)), ("Mixed_6e", BlockC, (192,)),
+                                      ("Mixed_7a", BlockD, ()), ("Mixed_7b", BlockE, (False,)),
+                                      ("Mixed_7c", BlockE, (True,))):
+                setattr(self, name, block(cin, *args, width))
                 blocks.append(name)
-                cin = block.out
+                cin = getattr(self, name).out
             self.blocks, self.features = blocks, cin
 
         def forward(self, x):

@@ -48,7 +48,8 @@ def frechet_distance(feats_a: np.ndarray, feats_b: np.ndarray) -> float:
 
     a, b = np.asarray(feats_a, np.float64), np.asarray(feats_b, np.float64)
     if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1] or min(len(a), len(b)) < 2:
-        raise EvalError(f"Fréchet distance needs >= 2 feature vectors of one size per set, got {a.shape} and {b.shape}")
+        raise EvalError(f"Fréchet distance needs >= 2 feature vectors of one size per set, got {a.shape} and "
+                        f"{b.shape}")
     mu_a, mu_b = a.mean(0), b.mean(0)
     cov_a, cov_b = np.atleast_2d(np.cov(a, rowvar=False)), np.atleast_2d(np.cov(b, rowvar=False))
     with warnings.catch_warnings():      # few samples: singular covariances are expected, handled below
