@@ -20,6 +20,9 @@ Sampling loop (one window; `model` is the ACTalker model, guidance over 4 stacke
         out = model(repeat_branches(sample), repeat_branches(t), ..., **guidance_batch(B))   # (4B,F,h,w,c)
         F = guided_denoised(split_branches(out), config.guidance_scales)
         x = euler_step(x, denoised(F, x, sigmas[i]), sigmas[i], sigmas[i + 1])
+Long videos (`actalker_jax.sample`): the buffer of N frames is covered at step i by
+`circular_windows(N, F, window_shift(i, F))`; every window steps from the same pre-step buffer, and frames
+covered twice are averaged.
 """
 
 import dataclasses
@@ -236,3 +239,25 @@ def repeat_branches(tree: Any) -> Any:
 def split_branches(output: jax.Array) -> jax.Array:
     """Model output (4B, ...) -> (4, B, ...) for `guided_denoised`."""
     return output.reshape((NUM_BRANCHES, output.shape[0] // NUM_BRANCHES) + output.shape[1:])
+
+
+WINDOW_SHIFT = 7
+
+
+def circular_windows(num_latents: int, window: int, shift: int) -> np.ndarray:
+    """Frame indices (num_windows, window) int64 of one sampling step's circular windows (spec §6).
+
+    Window j covers frames (j·window − shift + k) mod num_latents, k < window, j < ceil(num_latents / window):
+    every frame at least once; when window does not divide num_latents the last window wraps around and its
+    frames covered twice are averaged by the caller. Needs num_latents >= window.
+    """
+    if window < 1 or num_latents < window:
+        raise ValueError(f"circular windows need 1 <= window ({window}) <= num_latents ({num_latents})")
+    count = -(-num_latents // window)
+    starts = np.arange(count) * window - shift
+    return (starts[:, None] + np.arange(window)[None, :]) % num_latents
+
+
+def window_shift(step: int, window: int) -> int:
+    """The circular windows' shift at sampler step `step`: shift_{i+1} = (shift_i + 7) mod window, shift_0 = 0."""
+    return (step * WINDOW_SHIFT) % window

@@ -36,6 +36,17 @@ def learning_rate_schedule(config, total_steps: int) -> optax.Schedule:
     return optax.join_schedules([warmup, after], [int(config.warmup_steps)])
 
 
+def trainable_params(params: dict, config) -> tuple[dict, dict]:
+    """Splits a flat parameter dict into (trainable, frozen) by the `trainable` / `frozen` regexes.
+
+    Only the trainable part is differentiated and has optimizer state (frozen weights cost no gradient
+    or moment memory).
+    """
+    labels = trainable_labels(params.keys(), config)
+    return ({k: v for k, v in params.items() if labels[k] == "train"},
+            {k: v for k, v in params.items() if labels[k] == "frozen"})
+
+
 def trainable_labels(keys, config) -> dict[str, str]:
     """{key: "train" | "frozen"} from the `trainable` / `frozen` regexes."""
     labels = {}
@@ -50,17 +61,14 @@ def trainable_labels(keys, config) -> dict[str, str]:
     return labels
 
 
-def make_optimizer(config, params: dict, total_steps: int) -> optax.GradientTransformation:
-    """The optimizer for a flat parameter dict (see the module docstring)."""
+def make_optimizer(config, total_steps: int) -> optax.GradientTransformation:
+    """The optimizer of the trainable parameters (a flat dict: `trainable_params` picks them)."""
     chain = []
     if config.clip_norm:
         chain.append(optax.clip_by_global_norm(config.clip_norm))
     chain.append(optax.adamw(learning_rate_schedule(config, total_steps), b1=config.b1, b2=config.b2,
                              eps=config.eps, weight_decay=config.weight_decay))
     optimizer = optax.chain(*chain)
-    labels = trainable_labels(params.keys(), config)
-    if "frozen" in labels.values():
-        optimizer = optax.multi_transform({"train": optimizer, "frozen": optax.set_to_zero()}, labels)
     if int(config.grad_accum) > 1:
         optimizer = optax.MultiSteps(optimizer, every_k_schedule=int(config.grad_accum))
     return optimizer

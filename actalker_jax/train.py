@@ -28,7 +28,7 @@ from actalker_jax.models.actalker import ACTalkerConfig, ACTalkerModel, face_box
 from actalker_jax.models.actalker_unet import PCMConfig
 from actalker_jax.models.unet import UNetConfig
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file (configs/*.py[:arg]).",
+CONFIG_FLAG = config_flags.DEFINE_config_file("config", None, "Training config file (configs/*.py[:arg]).",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, logs and data of the run go.")
 
@@ -113,6 +113,180 @@ def loss_fn(model: ACTalkerModel, batch: dict, key, config, edm: diffusion.EDMCo
     return mean, per_sample
 
 
+# ----------------------------------------------------------------------------- model, state and step
+
+@dataclasses.dataclass
+class Trainer:
+    """The sharded training program of a config on a mesh (shared by train() and bench.train).
+
+    init(): the initial train state, created sharded (never materialised on one device).
+    step(state, batch) -> (state, metrics): the jitted, state-donating train step.
+    """
+
+    graphdef: object
+    model_state: nnx.State          # abstract model state (shapes, logical axes)
+    abstract_state: dict            # abstract train state: params, opt_state, step, key[, ema]
+    state_shardings: dict
+    init: object
+    step: object
+    mesh: object
+
+
+def make_model_fn(config):
+    """() -> ACTalkerModel of `config` (random init from config.seed, compute dtype and remat from config)."""
+    mcfg = model_config(config)
+    dtype = jnp.dtype(config.compute_dtype)
+    remat = config.get("remat")
+    remat = remat.to_dict() if isinstance(remat, ml_collections.ConfigDict) else remat
+
+    def make_model():
+        try:
+            return ACTalkerModel(mcfg, rngs=nnx.Rngs(jax.random.key(config.seed, impl="rbg")), dtype=dtype,
+                                 param_dtype=jnp.float32, remat=remat)
+        except ValueError as err:
+            raise TrainError(f"config: {err}") from None
+
+    return make_model
+
+
+PRETRAINED = {"unet": "unet.", "actalker": ""}  # config.init field -> prefix of its keys in the model
+
+
+def _pretrained_specs(config, model_state, param_shardings) -> dict:
+    """{config.init field: (params dir, {model key: sharded ShapeDtypeStruct})} of the converted checkpoints.
+
+    config.init.unet: a converted SVD UNet (`python -m actalker_jax.convert svd --out DIR` -> DIR/unet);
+    config.init.actalker: a converted official ACTalker (`convert actalker` -> DIR/actalker). Keys the
+    model lacks, and model keys of the checkpoint's part missing from it, are errors naming the key.
+    """
+    import orbax.checkpoint as ocp
+
+    init = config.get("init") or {}
+    shapes = {".".join(str(p) for p in path): var for path, var in nnx.to_flat_state(model_state)}
+    specs = {}
+    for field, prefix in PRETRAINED.items():
+        path = init.get(field, "")
+        if not path:
+            continue
+        params_dir = os.path.abspath(os.path.join(path, "params"))
+        if not os.path.isdir(params_dir):
+            raise TrainError(f"config.init.{field}: no converted checkpoint at {path!r} (expected {params_dir}; "
+                             f"make it with `python -m actalker_jax.convert`)")
+        stored = ocp.StandardCheckpointer().metadata(params_dir)
+        stored = getattr(stored, "item_metadata", stored)
+        wanted = {}
+        for key, meta in stored.items():
+            name = prefix + key
+            if name not in shapes:
+                raise TrainError(f"config.init.{field}: {path} holds {key!r}, which the model (config.model) lacks")
+            if tuple(meta.shape) != tuple(shapes[name].shape):
+                raise TrainError(f"config.init.{field}: {key!r} is {tuple(meta.shape)} in {path}, the model's "
+                                 f"{name} is {tuple(shapes[name].shape)}")
+            wanted[name] = jax.ShapeDtypeStruct(meta.shape, meta.dtype, sharding=param_shardings[name])
+        if prefix:
+            missing = [k for k in shapes if k.startswith(prefix) and k not in wanted and _pretrained_part(k)]
+            if missing:
+                raise TrainError(f"config.init.{field}: {path} lacks {len(missing)} UNet parameters, e.g. "
+                                 f"{missing[0][len(prefix):]!r}")
+        specs[field] = (params_dir, wanted)
+    return specs
+
+
+def _pretrained_part(key: str) -> bool:
+    """Whether a model key is part of the SVD UNet proper (not PCM / IP-adapter weights that ACTalker adds)."""
+    return ".mamba_blocks." not in key and ".processor." not in key
+
+
+def _restore_pretrained(specs: dict) -> dict:
+    """{model key: sharded array} read from the converted checkpoints described by `specs`."""
+    import orbax.checkpoint as ocp
+
+    out = {}
+    for field, (params_dir, wanted) in specs.items():
+        prefix = PRETRAINED[field]
+        restored = ocp.StandardCheckpointer().restore(
+            params_dir, {name[len(prefix):]: spec for name, spec in wanted.items()})
+        out.update({prefix + key: value for key, value in restored.items()})
+    return out
+
+
+def build_trainer(config, mesh) -> Trainer:
+    """Model, optimizer, sharded init and the jitted train step for `config` on `mesh`."""
+    make_model = make_model_fn(config)
+    graphdef, model_state = nnx.split(nnx.eval_shape(make_model))
+    param_shardings = {".".join(str(p) for p in path): NamedSharding(mesh, sharding.variable_spec(var, mesh=mesh))
+                       for path, var in nnx.to_flat_state(model_state)}
+    optimizer = optim.make_optimizer(config.optim, int(config.total_steps))
+    try:
+        trainable, _ = optim.trainable_params(flatten(model_state), config.optim)
+    except ValueError as err:
+        raise TrainError(str(err)) from None
+    trainable_keys = frozenset(trainable)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    edm = diffusion.EDMConfig(**config.diffusion.to_dict())
+
+    def init_state(pretrained):
+        model = make_model()
+        if pretrained:
+            _, model_params = nnx.split(model)
+            params = flatten(model_params)
+            params.update({k: v.astype(params[k].dtype) for k, v in pretrained.items()})
+            model = nnx.merge(graphdef, unflatten(model_params, params))
+            # The IP-adapter K/V start from the (now pretrained) attn2 K/V, as in the official code.
+            model.unet.init_ip_adapters()
+        params = flatten(nnx.split(model)[1])
+        train_params = {k: v for k, v in params.items() if k in trainable_keys}
+        state = dict(params=params, opt_state=optimizer.init(train_params), step=jnp.zeros((), jnp.int32),
+                     key=jax.random.key(config.seed))
+        if config.optim.ema_decay:
+            state["ema"] = params
+        return state
+
+    pretrained_specs = _pretrained_specs(config, model_state, param_shardings)
+    abstract_state = jax.eval_shape(init_state, {name: spec for _, wanted in pretrained_specs.values()
+                                                 for name, spec in wanted.items()})
+    state_shardings = _state_shardings(abstract_state, param_shardings, replicated)
+
+    def train_step(state, batch):
+        key, step_key = jax.random.split(state["key"])
+        step_key = jax.random.fold_in(step_key, state["step"])
+
+        train_params = {k: v for k, v in state["params"].items() if k in trainable_keys}
+
+        def loss_of(train_params):
+            model = nnx.merge(graphdef, unflatten(model_state, {**state["params"], **train_params}))
+            return loss_fn(model, batch, step_key, config, edm)
+
+        (loss, per_sample), grads = jax.value_and_grad(loss_of, has_aux=True)(train_params)
+        grad_norm = optax.global_norm(grads)
+        finite = jnp.all(jnp.isfinite(per_sample)) & jnp.isfinite(grad_norm)
+        updates, opt_state = optimizer.update(grads, state["opt_state"], train_params)
+        params = {**state["params"], **jax.tree.map(lambda p, u: p + u, train_params, updates)}
+        new_state = dict(state, params=params, opt_state=opt_state, step=state["step"] + 1, key=key)
+        if "ema" in state:
+            decay = config.optim.ema_decay
+            new_state["ema"] = jax.tree.map(lambda e, p: decay * e + (1 - decay) * p, state["ema"], params)
+        # A non-finite step leaves parameters, optimizer state and EMA as they were (only step and key move).
+        keep = dict(state, step=new_state["step"], key=key)
+        new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, keep)
+        return new_state, dict(loss=loss, grad_norm=grad_norm, finite=finite)
+
+    def jit_init():
+        """The initial state: random init from config.seed, then the checkpoints of config.init, sharded."""
+        pretrained = _restore_pretrained(pretrained_specs)
+        return jax.jit(init_state, out_shardings=state_shardings, donate_argnums=(0,))(pretrained)
+    with sharding.axis_rules(mesh):
+        jit_step = jax.jit(train_step, in_shardings=(state_shardings, batch_sharding(mesh)),
+                           out_shardings=(state_shardings, replicated), donate_argnums=(0,))
+
+    def step(state, batch):
+        with sharding.axis_rules(mesh):
+            return jit_step(state, batch)
+
+    return Trainer(graphdef=graphdef, model_state=model_state, abstract_state=abstract_state,
+                   state_shardings=state_shardings, init=jit_init, step=step, mesh=mesh)
+
+
 # ----------------------------------------------------------------------------- main
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
@@ -162,31 +336,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stop: dict) -> Train
     data_iter = iter(dataset)
 
     # ------------------------------------------------------------------ model + optimizer, created sharded
-    mcfg = model_config(config)
-    dtype = jnp.dtype(config.compute_dtype)
-    key = jax.random.key(config.seed)
-
-    def make_model():
-        return ACTalkerModel(mcfg, rngs=nnx.Rngs(jax.random.key(config.seed, impl="rbg")), dtype=dtype,
-                             param_dtype=jnp.float32)
-
-    graphdef, abstract_state = nnx.split(nnx.eval_shape(make_model))
-    param_shardings = {".".join(str(p) for p in path): NamedSharding(mesh, sharding.variable_spec(var, mesh=mesh))
-                       for path, var in nnx.to_flat_state(abstract_state)}
+    trainer = build_trainer(config, mesh)
     total_steps = int(config.total_steps)
-    abstract_params = flatten(abstract_state)
-    optimizer = optim.make_optimizer(config.optim, abstract_params, total_steps)
-    replicated = NamedSharding(mesh, PartitionSpec())
-
-    def init_state():
-        params = flatten(nnx.split(make_model())[1])
-        state = dict(params=params, opt_state=optimizer.init(params), step=jnp.zeros((), jnp.int32), key=key)
-        if config.optim.ema_decay:
-            state["ema"] = params
-        return state
-
-    abstract_train_state = jax.eval_shape(init_state)
-    state_shardings = _state_shardings(abstract_train_state, param_shardings, replicated)
 
     # ------------------------------------------------------------------ checkpoints
     manager = ocp.CheckpointManager(
@@ -198,41 +349,13 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stop: dict) -> Train
     latest = manager.latest_step()
     if latest is not None:
         target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                              abstract_train_state, state_shardings)
+                              trainer.abstract_state, trainer.state_shardings)
         restored = manager.restore(latest, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(target), data=grain.checkpoint.CheckpointRestore(data_iter)))
         state = restored["state"]
         logging.info("resumed from step %d", latest)
     else:
-        state = jax.jit(init_state, out_shardings=state_shardings)()
-    edm = diffusion.EDMConfig(**config.diffusion.to_dict())
-
-    # ------------------------------------------------------------------ train step
-    def train_step(state, batch):
-        key, step_key = jax.random.split(state["key"])
-        step_key = jax.random.fold_in(step_key, state["step"])
-
-        def loss_of(params):
-            model = nnx.merge(graphdef, unflatten(abstract_state, params))
-            return loss_fn(model, batch, step_key, config, edm)
-
-        (loss, per_sample), grads = jax.value_and_grad(loss_of, has_aux=True)(state["params"])
-        grad_norm = optax.global_norm(grads)
-        finite = jnp.all(jnp.isfinite(per_sample)) & jnp.isfinite(grad_norm)
-        updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
-        params = jax.tree.map(lambda p, u: p + u, state["params"], updates)
-        new_state = dict(state, params=params, opt_state=opt_state, step=state["step"] + 1, key=key)
-        if "ema" in state:
-            decay = config.optim.ema_decay
-            new_state["ema"] = jax.tree.map(lambda e, p: decay * e + (1 - decay) * p, state["ema"], params)
-        # A non-finite step leaves parameters, optimizer state and EMA as they were (only step and key move).
-        keep = dict(state, step=new_state["step"], key=key)
-        new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, keep)
-        return new_state, dict(loss=loss, grad_norm=grad_norm, finite=finite)
-
-    with sharding.axis_rules(mesh):
-        step_fn = jax.jit(train_step, in_shardings=(state_shardings, batch_sharding(mesh)),
-                          out_shardings=(state_shardings, replicated), donate_argnums=(0,))
+        state = trainer.init()
 
     # ------------------------------------------------------------------ loop
     config_json = json.loads(config.to_json_best_effort())
@@ -246,8 +369,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stop: dict) -> Train
             local_clips = local.pop("clip_index", None)
             batch = global_batch(local, mesh)
             data_wait = time.time() - t_data
-            with sharding.axis_rules(mesh):
-                state, metrics = step_fn(state, batch)
+            state, metrics = trainer.step(state, batch)
             step += 1
             metrics = jax.device_get(metrics)
             if not metrics["finite"]:
@@ -336,10 +458,10 @@ def _progress(total: int, initial: int):
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if _CONFIG.value is None or _WORKDIR.value is None:
+    if CONFIG_FLAG.value is None or _WORKDIR.value is None:
         raise app.UsageError("--config and --workdir are required")
     try:
-        train(_CONFIG.value, _WORKDIR.value)
+        train(CONFIG_FLAG.value, _WORKDIR.value)
     except (TrainError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)

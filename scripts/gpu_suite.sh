@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU measurement batch for a lent H100/H200 (device tool): correctness first, then timings.
-#   bash scripts/gpu_suite.sh scan|unet|pcm|train|sample ...   (sections to run; default: scan unet pcm)
+#   bash scripts/gpu_suite.sh scan|scantest|sweep|unet|pcm|train|train25 ...   (sections to run; default: scan unet pcm)
 # Logs go to $OUT (or ./gpu_out): summary.log (tails) and full.log. Each step has its own timeout so one failure does not stop the rest.
 # Numbers belong in docs/benchmarks.md with date, device, jax version and the command.
 set -u
@@ -40,8 +40,18 @@ for section in $sections; do
       for preset in svd-320 svd-640 svd-1280; do
         step "pcm_$preset" 180 python3 -m actalker_jax.bench.pcm --preset "$preset" --dtype bfloat16 --impl auto
       done ;;
+    scantest)
+      step scan_tests 300 python3 -m pytest -q -x -p no:cacheprovider tests/test_selective_scan.py ;;
+    sweep)
+      step sweep_bwd 150 python3 -m actalker_jax.bench.scan --shape paper-video --iters 5 --sweep block_d_bwd=8,16,32 num_warps=1,4
+      step sweep_fwd 100 python3 -m actalker_jax.bench.scan --shape paper-video --iters 5 --sweep block_d=32,128 num_warps=1,4 ;;
     train)
-      step train_14 420 python3 -m actalker_jax.bench.train --config configs/actalker_svd_xt.py --frames 14 ;;
+      step train_finetune_14 400 python3 -m actalker_jax.bench.train --config configs/actalker_finetune_1gpu.py --steps 4
+      step train_full_14 400 python3 -m actalker_jax.bench.train --config configs/actalker_svd_xt.py --frames 14 \
+        --config.data.batch_size=1 --config.mesh.devices=1 --steps 4 ;;
+    train25)
+      step train_full_25 400 python3 -m actalker_jax.bench.train --config configs/actalker_svd_xt.py --frames 25 \
+        --config.data.batch_size=1 --config.mesh.devices=1 --steps 4 ;;
     *) echo "unknown section $section" ;;
   esac
 done

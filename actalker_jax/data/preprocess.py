@@ -58,6 +58,7 @@ class LatentEncoder:
 
     path: a diffusers folder (pipeline with vae/, or the VAE folder itself) or an `actalker_jax.convert`
     output directory (vae_config.json + vae/). Frames (T, S, S, 3) uint8 -> (T, S/f, S/f, 4) float32.
+    `.vae` is the loaded module (sampling decodes with the same weights).
     """
 
     def __init__(self, path: str, batch_size: int = 8):
@@ -75,7 +76,7 @@ class LatentEncoder:
                 vae = convert.load_diffusers_vae(path)
         except Exception as err:  # noqa: BLE001  (orbax / safetensors raise many types)
             raise ValueError(f"--svd {path}: cannot load the VAE ({type(err).__name__}: {err})") from None
-        self.config, self.batch_size = vae.config, batch_size
+        self.vae, self.config, self.batch_size = vae, vae.config, batch_size
         self.factor = vae.config.downsample_factor
         graphdef, state = nnx.split(vae)
         self._state = state

@@ -24,6 +24,7 @@ branch, all-ones masks for both when both gates are open).
 """
 
 import dataclasses
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -122,12 +123,13 @@ class ACTalkerModel(nnx.Module):
     """UNet (ACTalkerUNet) + AudioProj + IDProj + MotionProj + PoseGuider. See the module docstring."""
 
     def __init__(self, config: ACTalkerConfig, *, rngs: nnx.Rngs, dtype: Dtype = jnp.float32,
-                 param_dtype: Dtype = jnp.float32):
+                 param_dtype: Dtype = jnp.float32, remat: Mapping[str, str] | None = None):
+        """remat: activation rematerialisation policy per UNet block name (models/remat.py)."""
         self.config = config
         rngs = ParamKeys(rngs)
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         dc = config.cond_dim
-        self.unet = ACTalkerUNet(config.unet, config.pcm, **kw)
+        self.unet = ACTalkerUNet(config.unet, config.pcm, remat=remat, **kw)
         self.audio_proj = AudioProjModel(config.audio_seq_len, config.audio_blocks, config.audio_channels,
                                          config.audio_hidden_dim, dc, config.audio_tokens, **kw)
         self.id_proj = IDProjModel(config.id_dim, config.id_hidden_dim, dc, **kw)

@@ -14,6 +14,7 @@ presets of models/actalker.py do). Parameter paths are the official `unet-N.pth`
 """
 
 import dataclasses
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -81,11 +82,16 @@ class ACTalkerUNet(UNetSpatioTemporalConditionModel):
     """SVD UNet + PCM + IP-adapters. See the module docstring for the call."""
 
     def __init__(self, config: UNetConfig, pcm: PCMConfig = PCMConfig(), *, rngs: nnx.Rngs,
-                 dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32):
-        super().__init__(config, rngs=rngs, hooks=actalker_hooks(pcm), dtype=dtype, param_dtype=param_dtype)
+                 dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32, remat: Mapping[str, str] | None = None):
+        super().__init__(config, rngs=rngs, hooks=actalker_hooks(pcm), dtype=dtype, param_dtype=param_dtype,
+                         remat=remat)
         self.pcm_config = pcm
+        self.init_ip_adapters()
+
+    def init_ip_adapters(self) -> None:
+        """Sets every IP-adapter K/V from its attn2's K/V (again after loading pretrained UNet weights)."""
         for attn in self._attn2_layers():
-            attn.processor.init_from(attn, zero_values=pcm.residual == "zero_init_residual")
+            attn.processor.init_from(attn, zero_values=self.pcm_config.residual == "zero_init_residual")
 
     def _attn2_layers(self):
         """Every attn2, in the official registration order: down, up, mid; spatial blocks before temporal."""

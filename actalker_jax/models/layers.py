@@ -199,6 +199,27 @@ class FeedForward(nnx.Module):
         return self.net[2](x)
 
 
+_FLASH_DTYPES = (jnp.bfloat16, jnp.float16)
+FORCE_XLA_ATTENTION = False  # set by flops.matmul_flops: count attention through its matmuls
+
+
+def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float) -> jax.Array:
+    """softmax(q k^T scale) v on (batch, L, heads, dim_head) inputs -> (batch, L, heads, dim_head).
+
+    On CUDA GPUs with bf16/fp16 inputs this is cuDNN's fused flash attention (no (L, S) score matrix in
+    memory: the SVD-xt top level has L = S = 4096 tokens per frame); where cuDNN rejects the shapes or
+    dtype, and on other backends, XLA's attention with a float32 softmax. `jax.nn.dot_product_attention`
+    alone never picks cuDNN by itself (implementation=None means XLA).
+    """
+    flash = not FORCE_XLA_ATTENTION and jax.default_backend() == "gpu"
+    if flash and q.dtype in _FLASH_DTYPES and q.dtype == k.dtype == v.dtype:
+        try:
+            return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation="cudnn")
+        except (ValueError, NotImplementedError, RuntimeError):  # shapes / cuDNN version it does not support
+            pass
+    return jax.nn.dot_product_attention(q, k, v, scale=scale)
+
+
 class Attention(nnx.Module):
     """diffusers `Attention` (SDPA processor): multi-head attention on token sequences.
 
@@ -234,7 +255,7 @@ class Attention(nnx.Module):
 
     def attend(self, q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
         """Scaled dot-product attention on (batch, L, heads, dim_head) inputs (cuDNN flash on GPU)."""
-        return jax.nn.dot_product_attention(q, k, v, scale=self.dim_head ** -0.5)
+        return dot_product_attention(q, k, v, scale=self.dim_head ** -0.5)
 
     def __call__(self, x: jax.Array, context: jax.Array | None = None, conditions=None,
                  grid: tuple[int, int] | None = None) -> jax.Array:

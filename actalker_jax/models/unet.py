@@ -10,12 +10,14 @@ state-dict key (with `kernel`/`scale` for `weight`); see convert.py.
 """
 
 import dataclasses
+from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from actalker_jax.models.diffusers_config import DiffusersConfig
+from actalker_jax.models import remat as remat_lib
 from actalker_jax.models.layers import Conv, Dtype, GroupNorm, ParamKeys, TimestepEmbedding, timestep_embedding
 from actalker_jax.models.resnet import Downsample2D, SpatioTemporalResBlock, Upsample2D
 from actalker_jax.models.transformer import (TEMPORAL_CONTEXTS, SiteIndex, TransformerHooks,
@@ -225,7 +227,7 @@ class UNetSpatioTemporalConditionModel(nnx.Module):
     """
 
     def __init__(self, config: UNetConfig, *, rngs: nnx.Rngs, hooks: TransformerHooks = TransformerHooks(),
-                 dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32):
+                 dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32, remat: Mapping[str, str] | None = None):
         self.config, self.dtype = config, dtype
         rngs = ParamKeys(rngs)
         kw = dict(dtype=dtype, param_dtype=param_dtype)
@@ -260,6 +262,12 @@ class UNetSpatioTemporalConditionModel(nnx.Module):
         self.up_blocks = nnx.List(up)
         self.conv_norm_out = GroupNorm(32, channels[0], epsilon=1e-5, **kw)
         self.conv_out = Conv(channels[0], config.out_channels, (3, 3), rngs=rngs, **kw)
+        self.remat = remat_lib.normalize(remat, self.block_names())
+
+    def block_names(self) -> tuple[str, ...]:
+        """Names of the blocks that can be rematerialised (models/remat.py)."""
+        return (tuple(f"down_blocks.{i}" for i in range(len(self.down_blocks))) + ("mid_block",)
+                + tuple(f"up_blocks.{i}" for i in range(len(self.up_blocks))))
 
     def __call__(self, sample: jax.Array, timestep: jax.Array | float, encoder_hidden_states: jax.Array,
                  added_time_ids: jax.Array, *, conv_in_residual: jax.Array | None = None,
@@ -291,19 +299,32 @@ class UNetSpatioTemporalConditionModel(nnx.Module):
         if conv_in_residual is not None:
             x = x + conv_in_residual.reshape(x.shape).astype(x.dtype)
 
+        def down(block, x, emb, context, conditions):
+            return block(x, emb, context, frames, conditions)
+
         skips = [x]
-        for block in self.down_blocks:
-            x, block_skips = block(x, emb, context, frames, conditions)
+        for i, block in enumerate(self.down_blocks):
+            x, block_skips = remat_lib.call(self.remat, f"down_blocks.{i}", down, block, x, emb, context, conditions)
             skips.extend(block_skips)
-        x = self.mid_block(x, emb, context, frames, conditions)
-        for block in self.up_blocks:
+        x = remat_lib.call(self.remat, "mid_block", down, self.mid_block, x, emb, context, conditions)
+        for i, block in enumerate(self.up_blocks):
             n = len(block.resnets)
             block_skips, skips = skips[-n:], skips[:-n]
-            size = skips[-1].shape[1:3] if block.upsamplers is not None else None
-            x = block(x, block_skips, emb, context, frames, conditions, upsample_size=size)
+            size = tuple(skips[-1].shape[1:3]) if block.upsamplers is not None else None
+            x = remat_lib.call(self.remat, f"up_blocks.{i}", _up_block_fn(frames, size), block, x, block_skips, emb,
+                               context, conditions)
 
         x = self.conv_out(jax.nn.silu(self.conv_norm_out(x)))
         return x.reshape((batch, frames) + x.shape[1:])
+
+
+def _up_block_fn(frames: int, upsample_size: tuple[int, int] | None):
+    """An up block's call with its static arguments bound (remat traces only the array arguments)."""
+
+    def up(block, x, skips, emb, context, conditions):
+        return block(x, skips, emb, context, frames, conditions, upsample_size=upsample_size)
+
+    return up
 
 
 def count_params(module: nnx.Module) -> int:

@@ -1,0 +1,124 @@
+"""Training step benchmark: step time, MFU and peak memory of any config on any mesh, synthetic batches.
+
+    python -m actalker_jax.bench.train --config configs/demo.py                                  # CPU
+    python -m actalker_jax.bench.train --config configs/actalker_svd_xt.py --frames 14 --image 512  # one GPU
+
+Builds exactly the training program of `train.py` (sharded init, EDM loss with gate sampling, AdamW,
+donated state) for the config (plus `--config.key=value` overrides), feeds it random batches of the
+record shapes (no data loading), and prints the median step time over `--steps` timed steps after
+`--warmup` steps, tokens/s (latent pixels x frames per second), the analytic model FLOPs of a
+training step (3x the forward's matmul/conv FLOPs, flops.py), MFU against the devices' bf16 peak,
+and peak device memory where the backend reports it.
+"""
+
+import time
+
+import jax
+import numpy as np
+from absl import app, flags
+
+from actalker_jax import flops, sharding, train
+from actalker_jax.bench.timing import median_ms
+
+_FRAMES = flags.DEFINE_integer("frames", None, "frames per clip (default: config.data.n_frames)")
+_IMAGE = flags.DEFINE_integer("image", None, "square image side in pixels (default: config.media.image_size)")
+_STEPS = flags.DEFINE_integer("steps", 5, "timed steps")
+_WARMUP = flags.DEFINE_integer("warmup", 2, "untimed steps after the compiling one")
+
+LATENT_FACTOR = {"vae": 8, "pixel_unshuffle": 4}
+
+
+def synthetic_batch(config, batch: int, frames: int, image: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """A random global batch with the shapes of data/pipeline.py for `config` (latents (B, F, h, w, c), ...)."""
+    m = config.model
+    factor = LATENT_FACTOR[config.media.autoencoder]
+    if image % (8 * factor):
+        raise ValueError(f"--image {image} must be a multiple of {8 * factor} (latent factor {factor} x 8)")
+    h = image // factor
+    channels = m.unet.in_channels // 2
+    rng = np.random.default_rng(seed)
+    mouth = np.zeros((batch, image, image), np.float32)
+    mouth[:, int(0.6 * image):int(0.85 * image), int(0.3 * image):int(0.7 * image)] = 1
+    face = np.zeros_like(mouth)
+    face[:, int(0.15 * image):int(0.9 * image), int(0.2 * image):int(0.8 * image)] = 1
+    normal = lambda *shape: rng.standard_normal(shape).astype(np.float32)
+    return dict(
+        latents=normal(batch, frames, h, h, channels), ref_latent=normal(batch, h, h, channels),
+        audio=normal(batch, frames, m.audio_seq_len, m.audio_blocks, m.audio_channels),
+        motion=normal(batch, frames, m.expression_dim), pose=normal(batch, frames, 6),
+        id_embed=normal(batch, m.id_dim), mask_audio=mouth, mask_motion=face - mouth,
+        face_box=np.tile(np.float32([0.2, 0.15, 0.8, 0.9]) * image, (batch, 1)),
+        added_time_ids=np.tile(np.float32([config.media.fps, 127.0, 127.0]), (batch, 1)))
+
+
+def training_flops(trainer, batch: dict, config) -> int:
+    """3x the forward's matmul/conv FLOPs (forward + backward at 2x; remat recomputation not counted)."""
+    from flax import nnx
+
+    edm_key = jax.random.key(0)
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), trainer.abstract_state["params"])
+    spec = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), batch)
+
+    def forward(params, batch):
+        model = nnx.merge(trainer.graphdef, train.unflatten(trainer.model_state, params))
+        return train.loss_fn(model, batch, edm_key, config, train.diffusion.EDMConfig(**config.diffusion.to_dict()))
+
+    return 3 * flops.matmul_flops(forward, abstract, spec)
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if train.CONFIG_FLAG.value is None:
+        raise app.UsageError("--config is required")
+    config = train.CONFIG_FLAG.value  # --config, defined by train.py
+    frames = _FRAMES.value or config.data.n_frames
+    image = _IMAGE.value or config.media.image_size
+    config.unlock()
+    config.data.n_frames = frames
+    config.model.unet.num_frames = frames
+    config.distributed = False
+    if "init" in config:  # random weights: the step time does not depend on their values
+        config.init = {field: "" for field in config.init}
+    config.lock()
+    devices = jax.devices() if config.mesh.get("devices", -1) == -1 else jax.devices()[:config.mesh.devices]
+    mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, devices=devices)
+    batch_size = config.data.batch_size * jax.process_count()
+    device = devices[0]
+    print(f"device: {len(devices)} x {device.device_kind} ({jax.default_backend()}), jax {jax.__version__}; "
+          f"mesh {dict(mesh.shape)}")
+    print(f"config: global batch {batch_size}, {frames} frames, {image}x{image} images, compute "
+          f"{config.compute_dtype}, remat {dict(config.get('remat') or {})}, scan {config.model.pcm.scan_impl}")
+
+    t0 = time.perf_counter()
+    trainer = train.build_trainer(config, mesh)
+    state = trainer.init()
+    jax.block_until_ready(state)
+    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(trainer.abstract_state["params"]))
+    print(f"init: {n_params:,} parameters in {time.perf_counter() - t0:.1f} s")
+    local = synthetic_batch(config, batch_size, frames, image)
+    batch = train.global_batch(local, mesh)
+
+    holder = {"state": state}
+
+    def one_step():
+        holder["state"], metrics = trainer.step(holder["state"], batch)
+        return metrics
+
+    t0 = time.perf_counter()
+    jax.block_until_ready(one_step())
+    print(f"first step (compile + run): {time.perf_counter() - t0:.1f} s")
+    step_ms = median_ms(one_step, (), _WARMUP.value, _STEPS.value)
+    step_flops = training_flops(trainer, batch, config)
+    util = flops.mfu(step_flops, step_ms / 1e3, device, len(devices))
+    tokens = batch_size * frames * (image // LATENT_FACTOR[config.media.autoencoder]) ** 2
+    print(f"step: median {step_ms:.1f} ms over {_STEPS.value} steps; {tokens / step_ms * 1e3:,.0f} latent tokens/s; "
+          f"{step_flops / 1e12:.2f} TFLOP per step (analytic, 3x forward); "
+          f"MFU {'n/a (unknown peak)' if util is None else f'{100 * util:.1f}%'}")
+    stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+    if stats and "peak_bytes_in_use" in stats:
+        print(f"peak device memory: {stats['peak_bytes_in_use'] / 2**30:.2f} GiB")
+
+
+if __name__ == "__main__":
+    app.run(main)

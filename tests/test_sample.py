@@ -1,0 +1,226 @@
+"""Sampling on the demo-size model (random init saved in the trainer's checkpoint layout), 32x32 frames,
+window 4, 2 Euler steps: frame counts, mp4 with audio, reproducibility, control modes, errors, one trace."""
+
+import importlib.util
+import json
+import os
+import shutil
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from actalker_jax import optim, sample, train
+from actalker_jax.data import synthetic
+from actalker_jax.models.actalker import ACTalkerModel
+
+_spec = importlib.util.spec_from_file_location(
+    "configs_demo", os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "demo.py"))
+configs_demo = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(configs_demo)
+
+SIZE, WINDOW, STEPS = 32, 4, 2
+SAMPLES_PER_FRAME = 1280  # 16 kHz at 12.5 fps
+
+
+def tiny_config():
+    config = configs_demo.get_config()
+    config.media.image_size = SIZE
+    config.data.n_frames = WINDOW
+    config.model.unet.num_frames = WINDOW
+    config.model.pcm.scan_impl = "reference"
+    return config
+
+
+def random_params(abstract: dict, seed: int = 0) -> dict:
+    """A random init in numpy (no compilation): unit norms, zero biases, fan-in scaled kernels, Mamba defaults."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for key, leaf in abstract.items():
+        name = key.split(".")[-1]
+        if name in ("scale", "Ds", "mix_factor"):
+            out[key] = np.ones(leaf.shape, np.float32)
+        elif name in ("bias", "dt_projs_bias"):
+            out[key] = np.zeros(leaf.shape, np.float32)
+        elif name == "A_logs":
+            out[key] = np.log(np.broadcast_to(np.arange(1, leaf.shape[-1] + 1, dtype=np.float32), leaf.shape)).copy()
+        else:
+            fan_in = max(int(np.prod(leaf.shape[:-1])), 1)
+            out[key] = (rng.standard_normal(leaf.shape) / np.sqrt(fan_in)).astype(np.float32)
+    return out
+
+
+def save_checkpoint(workdir: str, config, step: int = 1) -> None:
+    """The trainer's layout: CheckpointManager(WORKDIR/checkpoints) with items state (params, opt_state, step,
+    key) and config (JSON)."""
+    import orbax.checkpoint as ocp
+
+    abstract = train.flatten(nnx.split(nnx.eval_shape(
+        lambda: ACTalkerModel(train.model_config(config), rngs=nnx.Rngs(0))))[1])
+    params = random_params(abstract)
+    optimizer = optim.make_optimizer(config.optim, abstract, int(config.total_steps))
+    opt_state = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), jax.eval_shape(optimizer.init, abstract))
+    state = dict(params=params, opt_state=opt_state, step=np.int32(step), key=jax.random.key(0))
+    manager = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"), item_handlers=dict(
+        state=ocp.StandardCheckpointHandler(), config=ocp.JsonCheckpointHandler()))
+    manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                               config=ocp.args.JsonSave(json.loads(config.to_json_best_effort()))))
+    manager.wait_until_finished()
+
+
+@pytest.fixture(scope="session")
+def workdir(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("sample_run"))
+    save_checkpoint(path, tiny_config())
+    return path
+
+
+@pytest.fixture(scope="session")
+def loaded(workdir):
+    return sample.load_model(workdir)
+
+
+@pytest.fixture(scope="session")
+def clip():
+    return synthetic.generate_clip(5, 0, num_frames=3 * WINDOW, size=SIZE)
+
+
+def motion_of(clip) -> np.ndarray:
+    """The clip's ground-truth motion as records store it: [eye, brow, blink ; yaw, 0, 0, 0, 0, 0]."""
+    truth = clip["truth"]
+    pose = np.zeros((len(truth["yaw"]), 6), np.float32)
+    pose[:, 0] = truth["yaw"]
+    return np.concatenate([np.stack([truth[k] for k in synthetic.EXPRESSION_KEYS], -1), pose], -1)
+
+
+def run(loaded, clip, frames, **kw):
+    kw = dict(dict(control="audio", steps=STEPS, seed=0), **kw)
+    return sample.generate(loaded, image=clip["frames"][0], wav=clip["wav"][:int(frames * SAMPLES_PER_FRAME)],
+                           sample_rate=synthetic.SAMPLE_RATE, **kw)
+
+
+@pytest.fixture(scope="session")
+def one_window(loaded, clip):
+    return run(loaded, clip, WINDOW)
+
+
+def test_loads_the_checkpoint(loaded, workdir):
+    assert loaded.step == 1 and loaded.window == WINDOW
+    assert loaded.config.media.face_finder == "synthetic"
+    step_dir = sample.load_model(os.path.join(workdir, "checkpoints", "1"))
+    assert step_dir.step == 1
+
+
+@pytest.mark.parametrize("multiple", [1.0, 2.3, 3.0])
+def test_frame_count(loaded, clip, one_window, multiple):
+    """T = floor(duration x fps) for 1x, 2.3x and 3x the window. No recompilation per window: the jitted step is
+    traced once for every window, step and call (3x: 4 windows x 2 steps)."""
+    frames = one_window if multiple == 1.0 else run(loaded, clip, multiple * WINDOW)
+    assert frames.shape == (int(multiple * WINDOW), SIZE, SIZE, 3) and frames.dtype == np.uint8
+    assert loaded.traces == 1
+
+
+def test_same_seed_same_frames(loaded, clip, one_window):
+    np.testing.assert_array_equal(run(loaded, clip, WINDOW), one_window)
+    assert not np.array_equal(run(loaded, clip, WINDOW, seed=1), one_window)
+
+
+@pytest.mark.parametrize("control,masks", [("motion", "regions"), ("both", "official")])
+def test_control_modes(loaded, clip, one_window, control, masks):
+    frames = run(loaded, clip, WINDOW, control=control, masks=masks, motion=motion_of(clip))
+    assert frames.shape == one_window.shape
+    assert not np.array_equal(frames, one_window)
+
+
+def test_motion_control_needs_motion(loaded, clip):
+    with pytest.raises(sample.InputError, match="motion: --control motion needs driving motion"):
+        run(loaded, clip, WINDOW, control="motion")
+
+
+def test_command_writes_mp4_with_audio(workdir, clip, tmp_path, capsys):
+    import av
+
+    image, audio, driving, out = (str(tmp_path / n) for n in ("ref.png", "speech.wav", "driving.mp4", "out.mp4"))
+    from PIL import Image
+
+    Image.fromarray(clip["frames"][0]).save(image)
+    frames = round(2.3 * WINDOW)
+    synthetic.write_wav(audio, clip["wav"][:int(2.3 * WINDOW * SAMPLES_PER_FRAME)])
+    synthetic.write_mp4(driving, clip["frames"], clip["fps"])
+    assert sample.main(["--workdir", workdir, "--image", image, "--audio", audio, "--motion", driving,
+                        "--control", "both", "--out", out, "--steps", str(STEPS), "--no-progress"]) == 0
+    assert json.loads(capsys.readouterr().out)["frames"] == frames
+    with av.open(out) as container:
+        video, sound = container.streams.video[0], container.streams.audio[0]
+        decoded = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+        assert video.codec_context.name in ("h264", "libx264")
+        assert len(decoded) == frames and decoded[0].shape == (SIZE, SIZE, 3)
+        video_seconds = float(video.duration * video.time_base)
+        audio_seconds = float(sound.duration * sound.time_base)
+    assert abs(video_seconds - frames / 12.5) < 1e-3
+    assert abs(audio_seconds - frames / 12.5) < 0.07  # AAC frames of 1024 samples
+
+
+def test_motion_features_files(clip, tmp_path):
+    """--motion-features: .npy [expression ; pose] as generate takes it, or .npz with the records' keys."""
+    motion = motion_of(clip)
+    np.save(tmp_path / "m.npy", motion)
+    np.savez(tmp_path / "m.npz", motion=motion[:, :3], pose=motion[:, 3:])
+    np.testing.assert_array_equal(sample.read_motion_features(str(tmp_path / "m.npy")), motion)
+    np.testing.assert_array_equal(sample.read_motion_features(str(tmp_path / "m.npz")), motion)
+
+
+def test_errors_name_the_input(loaded, workdir, clip, tmp_path, capsys):
+    with pytest.raises(sample.InputError, match=r"audio: too short: 0\.030 s gives no frame"):
+        sample.generate(loaded, image=clip["frames"][0], wav=clip["wav"][:480], sample_rate=16000, control="audio")
+    with pytest.raises(sample.InputError, match="audio: silent"):
+        sample.generate(loaded, image=clip["frames"][0], wav=np.zeros(16000, np.float32), sample_rate=16000,
+                        control="audio")
+    with pytest.raises(sample.InputError, match="audio: empty"):
+        sample.generate(loaded, image=clip["frames"][0], wav=np.zeros(0, np.float32), sample_rate=16000,
+                        control="audio")
+    grey = np.full((SIZE, SIZE, 3), 128, np.uint8)
+    with pytest.raises(sample.InputError, match="image: no face found"):
+        sample.generate(loaded, image=grey, wav=clip["wav"], sample_rate=16000, control="audio")
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"not an image")
+    audio = str(tmp_path / "speech.wav")
+    synthetic.write_wav(audio, clip["wav"])
+    assert sample.main(["--workdir", workdir, "--image", str(bad), "--audio", audio, "--control", "audio",
+                        "--out", str(tmp_path / "o.mp4")]) == 2
+    message = capsys.readouterr().err.strip()
+    assert message.startswith("error: --image") and str(bad) in message and "\n" not in message
+
+
+def test_mismatched_checkpoint_config(workdir, tmp_path):
+    step_dir = str(tmp_path / "1")
+    shutil.copytree(os.path.join(workdir, "checkpoints", "1"), step_dir)
+    config_file = os.path.join(step_dir, "config", "metadata")
+    with open(config_file) as f:
+        stored = json.load(f)
+    stored["model"]["id_dim"] = 7
+    with open(config_file, "w") as f:
+        json.dump(stored, f)
+    with pytest.raises(sample.InputError, match=r"checkpoint: .*parameter id_proj\.proj1\.kernel has shape"):
+        sample.load_model(step_dir)
+    del stored["media"]["face_finder"]
+    with open(config_file, "w") as f:
+        json.dump(stored, f)
+    with pytest.raises(sample.InputError, match=r"lacks config\.media\.face_finder"):
+        sample.load_model(step_dir)
+
+
+def test_circular_windows():
+    """Spec §6: windows of W start at j·W − shift (mod N), cover every frame, the wrap-around one twice."""
+    from actalker_jax import diffusion
+
+    windows = diffusion.circular_windows(35, 25, 0)
+    np.testing.assert_array_equal(windows[0], np.arange(25))
+    np.testing.assert_array_equal(windows[1], np.r_[25:35, 0:15])
+    shifted = diffusion.circular_windows(35, 25, diffusion.window_shift(1, 25))
+    np.testing.assert_array_equal(shifted[0], np.r_[28:35, 0:18])
+    assert [diffusion.window_shift(i, 25) for i in range(5)] == [0, 7, 14, 21, 3]
+    for n, w, shift in [(8, 4, 3), (13, 4, 1), (50, 25, 21)]:
+        counts = np.bincount(diffusion.circular_windows(n, w, shift).ravel(), minlength=n)
+        assert counts.min() == 1 and counts.max() <= 2 and counts.sum() == -(-n // w) * w
