@@ -19,9 +19,11 @@ def _kernel_packages():
 
 kernel_packages = _kernel_packages()
 
-# Preprocessing, synthetic data and the TFDS source (tests exercise them, so the test extra includes them).
+# Preprocessing, synthetic data, the TFDS source and evaluation figures (tests exercise them, so the test extra
+# includes them).
 DATA_EXTRAS = ["array-record", "tensorflow-datasets", "importlib_resources", "dlib-bin",
-               "face-recognition-models", "opencv-python-headless", "scikit-image", "tqdm", "transformers"]
+               "face-recognition-models", "opencv-python-headless", "scikit-image", "tqdm", "transformers",
+               "matplotlib"]
 
 setup(
     name="actalker_jax",

@@ -1,0 +1,68 @@
+"""Evaluation commands.
+
+    python -m actalker_jax.evaluate control --workdir DIR [--num-clips 8] [--out DIR] [--steps 25] [--seed 0]
+    python -m actalker_jax.evaluate video --pred DIR --ref DIR [--out DIR] [--inception PT] [--i3d PT]
+                                          [--lpips PT] [--syncnet PT] [--no-dlib]
+
+control: the control benchmark on held-out synthetic clips (`eval/control.py`): control.json, control.png and
+control.md in --out (default: the workdir). video: metrics of generated videos against references for real data
+(`eval/video.py`): video.json and video.md in --out (default: --pred).
+"""
+
+import argparse
+import sys
+
+
+def _control(args) -> dict:
+    from actalker_jax import sample
+    from actalker_jax.eval import control
+
+    loaded = sample.load_model(args.workdir)
+    result = control.run_control(loaded, sample.generate, num_clips=args.num_clips, steps=args.steps,
+                                 seed=args.seed, out=args.out or args.workdir)
+    print(control.markdown_table(result), end="")
+    return result
+
+
+def _video(args) -> dict:
+    from actalker_jax.eval import video
+
+    result = video.run_video(args.pred, args.ref, out=args.out or args.pred, inception=args.inception,
+                             i3d=args.i3d, lpips=args.lpips, syncnet=args.syncnet, dlib=not args.no_dlib)
+    print(video.markdown_table(result), end="")
+    return result
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m actalker_jax.evaluate", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    c = sub.add_parser("control", help="control benchmark on held-out synthetic clips")
+    c.add_argument("--workdir", required=True, help="training workdir (its newest checkpoint is evaluated)")
+    c.add_argument("--num-clips", type=int, default=8)
+    c.add_argument("--out", default=None, help="output directory (default: the workdir)")
+    c.add_argument("--steps", type=int, default=25, help="sampling steps")
+    c.add_argument("--seed", type=int, default=0, help="sampling seed of the first clip (clip i: seed + i)")
+    c.set_defaults(run=_control)
+    v = sub.add_parser("video", help="metrics of generated videos against reference videos")
+    v.add_argument("--pred", required=True, help="directory of generated videos (mp4 with audio)")
+    v.add_argument("--ref", required=True, help="directory of reference videos with the same file names")
+    v.add_argument("--out", default=None, help="output directory (default: --pred)")
+    v.add_argument("--inception", default=None, help="pytorch-fid Inception-v3 state dict (.pth) for FID")
+    v.add_argument("--i3d", default=None, help="pytorch-i3d InceptionI3d RGB state dict (.pt) for FVD")
+    v.add_argument("--lpips", default=None, help="LPIPS state dict (AlexNet features + lin layers) for LPIPS")
+    v.add_argument("--syncnet", default=None, help="syncnet_v2 state dict (syncnet_python format) for Sync-C/D")
+    v.add_argument("--no-dlib", action="store_true", help="skip the dlib lip-sync and identity metrics")
+    v.set_defaults(run=_video)
+    return p
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except (ValueError, OSError) as err:     # bad inputs: one line naming the file / key / value
+        sys.exit(f"evaluate {args.command}: {err}")
+
+
+if __name__ == "__main__":
+    main()
