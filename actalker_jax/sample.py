@@ -84,6 +84,31 @@ class LoadedModel:
             self._denoise = _make_denoise(self, *nnx.split(self.model))
         return self._denoise
 
+    def set_params(self, params: dict, step: int) -> None:
+        """New parameter values ({"dotted.key": array}, same shapes), keeping the compiled denoising step."""
+        from actalker_jax.train import flatten, unflatten
+
+        _, state = nnx.split(self.model)
+        if set(params) != set(flatten(state)):
+            raise ValueError("set_params: the parameter keys differ from the model's")
+        nnx.update(self.model, unflatten(state, params))
+        self.step = step
+        if self._denoise is not None:
+            self._denoise = functools.partial(self._denoise.func, nnx.split(self.model)[1])
+
+    @classmethod
+    def from_params(cls, config, params: dict, step: int, path: str) -> "LoadedModel":
+        """A LoadedModel of a run config and its parameters ({"dotted.key": array}), e.g. a train state's."""
+        from actalker_jax.train import model_config, unflatten
+
+        media = Media(config)
+        dtype = jnp.dtype(config.get("compute_dtype", "float32"))
+        graphdef, abstract = nnx.split(nnx.eval_shape(
+            lambda: ACTalkerModel(model_config(config), rngs=nnx.Rngs(0), dtype=dtype)))
+        model = nnx.merge(graphdef, unflatten(abstract, params))
+        window = min(MAX_WINDOW, int(config.get("data", {}).get("n_frames", MAX_WINDOW)))
+        return cls(model=model, config=config, step=step, path=path, media=media, window=window)
+
 
 # ----------------------------------------------------------------------------- checkpoints
 
@@ -113,7 +138,7 @@ def load_model(path: str) -> LoadedModel:
     """
     import orbax.checkpoint as ocp
 
-    from actalker_jax.train import TrainError, flatten, model_config, unflatten
+    from actalker_jax.train import TrainError, flatten, model_config
 
     step_dir, step = _step_dir(path)
     try:
@@ -122,7 +147,7 @@ def load_model(path: str) -> LoadedModel:
     except Exception as err:  # noqa: BLE001  (orbax raises many types for a broken item)
         raise InputError("checkpoint", f"{step_dir}: unreadable config ({type(err).__name__}: {err})") from None
     try:
-        media = Media(config)
+        Media(config)  # validates config.media
         mcfg = model_config(config)
     except (MediaError, TrainError, ValueError) as err:
         raise InputError("checkpoint", f"{step_dir}: {err}") from None
@@ -138,9 +163,7 @@ def load_model(path: str) -> LoadedModel:
                                 target)
     restored = ocp.PyTreeCheckpointer().restore(os.path.join(step_dir, "state"), args=ocp.args.PyTreeRestore(
         item=target, restore_args=restore_args, partial_restore=True))
-    model = nnx.merge(graphdef, unflatten(abstract, restored[item]))
-    window = min(MAX_WINDOW, int(config.get("data", {}).get("n_frames", MAX_WINDOW)))
-    return LoadedModel(model=model, config=config, step=step, path=step_dir, media=media, window=window)
+    return LoadedModel.from_params(config, restored[item], step, step_dir)
 
 
 def _check_parameters(step_dir: str, item: str, expected: dict, stored: dict) -> None:

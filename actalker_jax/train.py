@@ -23,7 +23,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 from ml_collections import config_flags
 
-from actalker_jax import diffusion, optim, sharding
+from actalker_jax import diffusion, flops, optim, sharding
 from actalker_jax.data import pipeline
 from actalker_jax.models.actalker import ACTalkerConfig, ACTalkerModel, face_box_image
 from actalker_jax.models.actalker_unet import PCMConfig
@@ -42,6 +42,7 @@ class TrainResult:
     state: dict
     summary: dict
     data_iter: object
+    workdir: str
 
 
 class TrainError(RuntimeError):
@@ -108,8 +109,10 @@ def loss_fn(model: ACTalkerModel, batch: dict, key, config, edm: diffusion.EDMCo
     conditions = dict(audio=batch["audio"], expression=batch["motion"], pose=batch["pose"],
                       id_embed=batch["id_embed"],
                       face_image=face_box_image(batch["face_box"], image_size, config.train.face_box_scale))
-    out = model(sample, timestep, batch["added_time_ids"], conditions, gates, mask_audio=batch["mask_audio"],
-                mask_motion=batch["mask_motion"], **drops)
+    masks = dict(mask_audio=batch["mask_audio"], mask_motion=batch["mask_motion"])
+    if not config.train.get("mask_drop", True):  # ablation: both branches see every token
+        masks = {k: jnp.ones_like(v) for k, v in masks.items()}
+    out = model(sample, timestep, batch["added_time_ids"], conditions, gates, **masks, **drops)
     per_sample, mean = diffusion.denoising_loss(out.astype(jnp.float32), noisy, x0, sigma)
     return mean, per_sample
 
@@ -131,6 +134,20 @@ class Trainer:
     init: object
     step: object
     mesh: object
+    config: object
+
+    def flops_per_step(self, batch: dict) -> int:
+        """Analytic FLOPs of one training step on `batch` (arrays or ShapeDtypeStructs): 3x the forward's
+        matmul/conv FLOPs (backward = 2x forward; remat recomputation is not counted, as MFU convention)."""
+        spec = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), batch)
+        params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), self.abstract_state["params"])
+        edm = diffusion.EDMConfig(**self.config.diffusion.to_dict())
+
+        def forward(params, batch):
+            model = nnx.merge(self.graphdef, unflatten(self.model_state, params))
+            return loss_fn(model, batch, jax.random.key(0), self.config, edm)
+
+        return 3 * flops.matmul_flops(forward, params, spec)
 
 
 def make_model_fn(config):
@@ -285,7 +302,7 @@ def build_trainer(config, mesh) -> Trainer:
             return jit_step(state, batch)
 
     return Trainer(graphdef=graphdef, model_state=model_state, abstract_state=abstract_state,
-                   state_shardings=state_shardings, init=jit_init, step=step, mesh=mesh)
+                   state_shardings=state_shardings, init=jit_init, step=step, mesh=mesh, config=config)
 
 
 # ----------------------------------------------------------------------------- main
@@ -363,6 +380,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stop: dict) -> Train
     step = int(jax.device_get(state["step"]))
     start_time, last_save, losses = time.time(), time.time(), []
     progress = _progress(total_steps, step)
+    log = Logger(config, trainer, workdir, total_steps)
     try:
         while step < total_steps:
             t_data = time.time()
@@ -373,6 +391,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stop: dict) -> Train
             state, metrics = trainer.step(state, batch)
             step += 1
             metrics = jax.device_get(metrics)
+            log.step(step, batch, metrics, data_wait)
             if not metrics["finite"]:
                 clips = local_clips.tolist() if local_clips is not None else "unknown"
                 if config.train.on_nonfinite == "stop":
@@ -390,18 +409,106 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stop: dict) -> Train
                 manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                            data=grain.checkpoint.CheckpointSave(data_iter),
                                                            config=ocp.args.JsonSave(config_json)), force=True)
+            if log.wants_sample(step):
+                log.sample(step, state)
             if stop["signal"] is not None:
                 logging.info("signal %d: checkpoint at step %d saved, exiting", stop["signal"], step)
                 break
     finally:
         manager.wait_until_finished()
         progress.close()
+        log.close()
     summary = dict(step=step, seconds=round(time.time() - start_time, 1),
-                   loss_first=losses[0] if losses else None, loss_last=float(np.mean(losses[-10:])) if losses else None)
+                   loss_first=losses[0] if losses else None, loss_last=float(np.mean(losses[-10:])) if losses else None,
+                   step_seconds=log.median_step_seconds(), mfu=log.last_mfu)
     if jax.process_index() == 0:
+        mfu = "n/a" if summary["mfu"] is None else f"{100 * summary['mfu']:.1f}%"
         print(f"done: step {summary['step']}, {summary['seconds']} s, loss {summary['loss_first']} -> "
-              f"{summary['loss_last']} (mean of the last 10 steps)")
-    return TrainResult(state=state, summary=summary, data_iter=data_iter)
+              f"{summary['loss_last']} (mean of the last 10 steps), median step {summary['step_seconds']} s, "
+              f"MFU {mfu}")
+    return TrainResult(state=state, summary=summary, data_iter=data_iter, workdir=workdir)
+
+
+class Logger:
+    """TensorBoard scalars every `config.log.every_steps` steps (means over the interval) and sample videos.
+
+    Scalars: train/loss, train/grad_norm, train/lr, perf/step_seconds, perf/data_wait_seconds,
+    perf/tokens_per_second (latent pixels x frames), perf/mfu (analytic FLOPs, flops.py; absent where the
+    device's peak is unknown). Samples (synthetic-data runs, every `config.log.sample_every_steps`): one
+    held-out clip generated in each control mode with `config.log.sample_steps` Euler steps, as GIFs.
+    """
+
+    def __init__(self, config, trainer: Trainer, workdir: str, total_steps: int):
+        from actalker_jax.summaries import Summaries
+
+        defaults = dict(every_steps=10, sample_every_steps=0, sample_steps=10)
+        self.options = {**defaults, **(config.get("log") or {})}
+        self.config, self.trainer, self.workdir, self.total_steps = config, trainer, workdir, total_steps
+        self.summaries = Summaries(os.path.join(workdir, "tensorboard"))
+        self.lr = optim.learning_rate_schedule(config.optim, total_steps)
+        self.grad_accum = max(int(config.optim.grad_accum), 1)
+        self.window, self.step_times, self.flops, self.last_mfu = [], [], None, None
+        self.last_time, self.sampler = time.time(), None
+
+    def step(self, step: int, batch: dict, metrics: dict, data_wait: float) -> None:
+        now = time.time()
+        seconds, self.last_time = now - self.last_time, now
+        if step > 1 or len(self.step_times):  # the first step of a process includes compilation
+            self.step_times.append(seconds)
+        self.window.append(dict(loss=float(metrics["loss"]), grad_norm=float(metrics["grad_norm"]),
+                                step_seconds=seconds, data_wait_seconds=data_wait))
+        if step % self.options["every_steps"] and step != self.total_steps:
+            return
+        if self.flops is None:
+            self.flops = self.trainer.flops_per_step(batch)
+        means = {k: float(np.mean([w[k] for w in self.window])) for k in self.window[0]}
+        step_seconds = float(np.median(self.step_times)) if self.step_times else means["step_seconds"]
+        latents = batch["latents"].shape
+        self.last_mfu = flops.mfu(self.flops, step_seconds, self.trainer.mesh.devices.flat[0],
+                                        self.trainer.mesh.devices.size)
+        self.summaries.scalars(step, {
+            "train/loss": means["loss"], "train/grad_norm": means["grad_norm"],
+            "train/lr": float(self.lr((step - 1) // self.grad_accum)),
+            "perf/step_seconds": means["step_seconds"], "perf/data_wait_seconds": means["data_wait_seconds"],
+            "perf/tokens_per_second": float(np.prod(latents[:4])) / step_seconds,
+            "perf/mfu": self.last_mfu, "perf/tflop_per_step": self.flops / 1e12})
+        self.window = []
+
+    def median_step_seconds(self) -> float | None:
+        return round(float(np.median(self.step_times)), 3) if self.step_times else None
+
+    def wants_sample(self, step: int) -> bool:
+        every = self.options["sample_every_steps"]
+        synthetic = self.config.get("media", {}).get("face_finder") == "synthetic"
+        return bool(every) and synthetic and (step % every == 0 or step == self.total_steps)
+
+    def sample(self, step: int, state: dict) -> None:
+        """Generates the held-out clip in each control mode with the current (EMA) weights -> GIF summaries."""
+        from jax.experimental import multihost_utils
+
+        from actalker_jax import sample
+        from actalker_jax.data import synthetic
+        from actalker_jax.eval.control import held_out_clips, motion_features
+
+        params = state.get("ema", state["params"])
+        params = (multihost_utils.process_allgather(params, tiled=True) if jax.process_count() > 1
+                  else jax.device_get(params))
+        if jax.process_index() != 0:
+            return
+        if self.sampler is None:
+            self.sampler = sample.LoadedModel.from_params(self.config, params, step, self.workdir)
+        else:
+            self.sampler.set_params(params, step)
+        clip = held_out_clips(self.config, 1)[0]
+        for control in sample.CONTROLS:
+            frames = sample.generate(self.sampler, image=clip["frames"][0], wav=clip["wav"],
+                                     sample_rate=synthetic.SAMPLE_RATE, motion=motion_features(clip), control=control,
+                                     seed=0, steps=int(self.options["sample_steps"]))
+            self.summaries.video(step, f"sample/{control}", frames, fps=float(self.config.media.fps))
+        self.summaries.flush()
+
+    def close(self) -> None:
+        self.summaries.close()
 
 
 def initialize_distributed() -> None:

@@ -58,6 +58,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.train = ml_collections.ConfigDict(dict(
         gate_probs=(0.5, 0.25, 0.25),   # both / audio only / motion only (unpublished officially: ours)
         cond_dropout=0.1,
+        mask_drop=True,                 # each PCM branch scans only its region's tokens (False: every token)
         face_box_scale=1.2,
         on_nonfinite="stop",
     ))

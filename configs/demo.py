@@ -52,7 +52,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                   up_block_types=("UpBlockSpatioTemporal", "CrossAttnUpBlockSpatioTemporal"),
                   layers_per_block=1, cross_attention_dim=32, num_attention_heads=(2, 4),
                   addition_time_embed_dim=8, projection_class_embeddings_input_dim=24, num_frames=8),
-        pcm=dict(scan_over="frame", residual="replace", scan_impl="auto"),
+        # scan_impl "reference" (lax.scan): on CPU at these sizes it is ~2x faster than the chunked "xla" scan in
+        # the forward pass and as fast in training (docs/benchmarks.md); GPU configs use "auto" (Pallas).
+        pcm=dict(enabled=True, scan_over="frame", residual="replace", scan_impl="reference"),
         audio_seq_len=8, audio_blocks=1, audio_channels=16, audio_hidden_dim=64, audio_tokens=4,
         id_dim=16, id_hidden_dim=32, expression_dim=3, pose_guider_channels=(8, 16, 16),
         inference_masks="regions",
@@ -63,6 +65,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.train = ml_collections.ConfigDict(dict(
         gate_probs=(0.5, 0.25, 0.25),   # both / audio only / motion only (unpublished officially: ours)
         cond_dropout=0.1,
+        mask_drop=True,                 # each PCM branch scans only its region's tokens (False: every token)
         face_box_scale=1.2,
         on_nonfinite="stop",
     ))
@@ -70,6 +73,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.optim = ml_collections.ConfigDict(dict(
         lr=3e-4, warmup_steps=20, schedule="cosine", final_lr_ratio=0.1, b1=0.9, b2=0.999, eps=1e-8,
         weight_decay=1e-2, clip_norm=1.0, grad_accum=1, trainable="", frozen="", ema_decay=0.0))
+
+    # TensorBoard (WORKDIR/tensorboard): scalars every 10 steps; a held-out clip sampled in each control mode
+    # (4 Euler steps: a preview, not the benchmark) at steps 150 and 300.
+    c.log = ml_collections.ConfigDict(dict(every_steps=10, sample_every_steps=150, sample_steps=4))
 
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, devices=-1))  # devices: -1 = all
     c.checkpoint = ml_collections.ConfigDict(dict(every_steps=100, every_minutes=10.0, keep=2))

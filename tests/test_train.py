@@ -39,6 +39,9 @@ def tiny_config(records, **overrides):
     config.checkpoint.every_steps = 1
     config.checkpoint.every_minutes = 0.0
     config.mesh.devices = 1
+    config.media.image_size = 32
+    config.synthetic_frames = 6
+    config.log.sample_every_steps = 0
     for key, value in overrides.items():
         target = config
         *parents, leaf = key.split(".")
@@ -60,7 +63,46 @@ def leaves(tree):
 @pytest.fixture(scope="module")
 def straight_run(records_dir, tmp_path_factory):
     """Two uninterrupted steps on one device, global batch 8 (the reference of the tests below)."""
-    return train.train(tiny_config(records_dir, **{"data.batch_size": 8}), str(tmp_path_factory.mktemp("straight")))
+    config = tiny_config(records_dir, **{"data.batch_size": 8, "log.every_steps": 1, "log.sample_every_steps": 2,
+                                         "log.sample_steps": 1})
+    return train.train(config, str(tmp_path_factory.mktemp("straight")))
+
+
+def read_events(logdir):
+    """(tag, step, value or image bytes) of every summary in the TensorBoard event files under `logdir`."""
+    import struct
+
+    from tensorboardX.proto.event_pb2 import Event
+
+    out = []
+    for name in sorted(os.listdir(logdir)):
+        data = open(os.path.join(logdir, name), "rb").read()
+        offset = 0
+        while offset < len(data):
+            (length,) = struct.unpack("<Q", data[offset:offset + 8])
+            event = Event.FromString(data[offset + 12:offset + 12 + length])
+            offset += 12 + length + 4
+            for value in event.summary.value:
+                out.append((value.tag, event.step, value.image.encoded_image_string if value.HasField("image")
+                            else value.simple_value))
+    return out
+
+
+def test_tensorboard_scalars_and_sample_videos(straight_run):
+    """Every step logs loss / grad norm / lr / timing / tokens per second; step 2 logs a GIF per control mode."""
+    events = read_events(os.path.join(straight_run.workdir, "tensorboard"))
+    by_tag = {}
+    for tag, step, value in events:
+        by_tag.setdefault(tag, {})[step] = value
+    for tag in ("train/loss", "train/grad_norm", "train/lr", "perf/step_seconds", "perf/data_wait_seconds",
+                "perf/tokens_per_second", "perf/tflop_per_step"):
+        assert sorted(by_tag[tag]) == [1, 2], tag
+    assert by_tag["train/loss"][2] == pytest.approx(straight_run.summary["loss_last"] * 2 - by_tag["train/loss"][1])
+    assert by_tag["perf/tflop_per_step"][1] > 0
+    assert "perf/mfu" not in by_tag  # no known peak FLOP/s for CPUs
+    for control in ("audio", "motion", "both"):
+        gif = by_tag[f"sample/{control}"][2]
+        assert gif[:6] == b"GIF89a"
 
 
 def test_resume_equals_uninterrupted_run(records_dir, straight_run, tmp_path):

@@ -51,21 +51,6 @@ def synthetic_batch(config, batch: int, frames: int, image: int, seed: int = 0) 
         added_time_ids=np.tile(np.float32([config.media.fps, 127.0, 127.0]), (batch, 1)))
 
 
-def training_flops(trainer, batch: dict, config) -> int:
-    """3x the forward's matmul/conv FLOPs (forward + backward at 2x; remat recomputation not counted)."""
-    from flax import nnx
-
-    edm_key = jax.random.key(0)
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), trainer.abstract_state["params"])
-    spec = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), batch)
-
-    def forward(params, batch):
-        model = nnx.merge(trainer.graphdef, train.unflatten(trainer.model_state, params))
-        return train.loss_fn(model, batch, edm_key, config, train.diffusion.EDMConfig(**config.diffusion.to_dict()))
-
-    return 3 * flops.matmul_flops(forward, abstract, spec)
-
-
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -109,7 +94,7 @@ def main(argv):
     jax.block_until_ready(one_step())
     print(f"first step (compile + run): {time.perf_counter() - t0:.1f} s")
     step_ms = median_ms(one_step, (), _WARMUP.value, _STEPS.value)
-    step_flops = training_flops(trainer, batch, config)
+    step_flops = trainer.flops_per_step(batch)
     util = flops.mfu(step_flops, step_ms / 1e3, device, len(devices))
     tokens = batch_size * frames * (image // LATENT_FACTOR[config.media.autoencoder]) ** 2
     print(f"step: median {step_ms:.1f} ms over {_STEPS.value} steps; {tokens / step_ms * 1e3:,.0f} latent tokens/s; "

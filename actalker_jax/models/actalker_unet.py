@@ -33,9 +33,11 @@ class PCMConfig:
     """PCM and IP-adapter options; defaults are the released code's (spec §3, §2.4).
 
     residual "zero_init_residual" (ours) also starts the IP-adapter V projections at zero, so the whole
-    ACTalker UNet equals the SVD UNet it was built from at step 0.
+    ACTalker UNet equals the SVD UNet it was built from at step 0. enabled=False (ablation) builds no PCM
+    layers: the audio and motion tokens then reach the UNet through the IP-adapter cross-attention only.
     """
 
+    enabled: bool = True
     d_state: int = 16
     expand: int = 2
     scan_over: str = "frame"
@@ -57,7 +59,7 @@ def actalker_hooks(pcm: PCMConfig) -> TransformerHooks:
     """PCM after every spatial block of the down/up transformers; IP-adapters in every attn2."""
 
     def post_spatial(site: TransformerSite, rngs: nnx.Rngs):
-        if site.block == "mid":
+        if site.block == "mid" or not pcm.enabled:
             return None
         return PCMLayer(site.channels, site.cross_attention_dim, rngs=rngs, d_state=pcm.d_state, expand=pcm.expand,
                         scan_over=pcm.scan_over, residual=pcm.residual, scan_impl=pcm.scan_impl, dtype=site.dtype,

@@ -1,0 +1,45 @@
+"""The paper's ablations on the CPU demo (configs/demo.py), each one config override.
+
+    python -m actalker_jax.train --config configs/demo_ablations.py:no_pcm --workdir runs/ablation_no_pcm
+    python -m actalker_jax.evaluate control --workdir runs/ablation_no_pcm
+
+| arg           | change from the demo                                                               |
+|---------------|------------------------------------------------------------------------------------|
+| no_pcm        | no PCM layers: audio and motion reach the UNet through IP-adapter cross-attention only |
+| no_mask_drop  | both PCM branches scan every token (all-ones masks) instead of their own region     |
+| scan_video    | each PCM scan runs over the whole clip (F x h x w tokens) instead of per frame      |
+| fixed_gates   | both signals every step (gate_probs (1, 0, 0)) instead of sampled per sample        |
+
+What they reach: the table in docs/benchmarks.md ("Control ablations"), each row with its command.
+"""
+
+import importlib.util
+import os
+
+ABLATIONS = {
+    "no_pcm": {"model.pcm.enabled": False},
+    "no_mask_drop": {"train.mask_drop": False},
+    "scan_video": {"model.pcm.scan_over": "video"},
+    "fixed_gates": {"train.gate_probs": (1.0, 0.0, 0.0)},
+}
+
+
+def _demo_config():
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo.py")
+    spec = importlib.util.spec_from_file_location("demo_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def get_config(arg: str | None = None):
+    if arg not in ABLATIONS:
+        raise ValueError(f"configs/demo_ablations.py needs one of {sorted(ABLATIONS)} after ':', got {arg!r}")
+    config = _demo_config()
+    for key, value in ABLATIONS[arg].items():
+        target = config
+        *parents, leaf = key.split(".")
+        for name in parents:
+            target = target[name]
+        target[leaf] = value
+    return config
