@@ -36,8 +36,9 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, logs and dat
 
 @dataclasses.dataclass
 class TrainResult:
-    """What `train` leaves: the final train state (params, opt_state, step, key[, ema]), a summary and the data
-    iterator positioned after the last consumed batch."""
+    """What `train` leaves: the final train state (params, opt_state, step, key[, ema]), a summary (step, seconds,
+    loss_first, loss_last, losses: this call's per-step losses, the same on every process) and the data iterator
+    positioned after the last consumed batch."""
 
     state: dict
     summary: dict
@@ -397,7 +398,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stop: dict) -> Train
         manager.wait_until_finished()
         progress.close()
     summary = dict(step=step, seconds=round(time.time() - start_time, 1),
-                   loss_first=losses[0] if losses else None, loss_last=float(np.mean(losses[-10:])) if losses else None)
+                   loss_first=losses[0] if losses else None, loss_last=float(np.mean(losses[-10:])) if losses else None,
+                   losses=losses)
     if jax.process_index() == 0:
         print(f"done: step {summary['step']}, {summary['seconds']} s, loss {summary['loss_first']} -> "
               f"{summary['loss_last']} (mean of the last 10 steps)")
@@ -439,7 +441,7 @@ def _state_shardings(abstract_state, param_shardings, replicated):
 
 
 def _synthetic_records(config, workdir: str) -> str:
-    """Generates the demo's synthetic clips once (process 0) and returns the records directory."""
+    """Generates the demo's synthetic clips once (process 0; the others wait for it) -> the records directory."""
     from actalker_jax.data import synthetic
 
     out = os.path.join(workdir, "synthetic")
@@ -447,6 +449,10 @@ def _synthetic_records(config, workdir: str) -> str:
     if jax.process_index() == 0 and not os.path.isdir(records_dir):
         synthetic.main(["--out", out, "--num-clips", str(config.synthetic_clips), "--seed", str(config.seed),
                         "--frames", str(config.synthetic_frames), "--size", str(config.synthetic_size)])
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("synthetic records written")
     return records_dir
 
 
