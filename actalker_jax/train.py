@@ -36,8 +36,9 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, logs and dat
 
 @dataclasses.dataclass
 class TrainResult:
-    """What `train` leaves: the final train state (params, opt_state, step, key[, ema]), a summary and the data
-    iterator positioned after the last consumed batch."""
+    """What `train` leaves: the final train state (params, opt_state, step, key[, ema]), a summary (step, seconds,
+    loss_first, loss_last, losses: this call's per-step losses, the same on every process) and the data iterator
+    positioned after the last consumed batch."""
 
     state: dict
     summary: dict
@@ -159,7 +160,7 @@ def make_model_fn(config):
 
     def make_model():
         try:
-            return ACTalkerModel(mcfg, rngs=nnx.Rngs(jax.random.key(config.seed, impl="rbg")), dtype=dtype,
+            return ACTalkerModel(mcfg, rngs=nnx.Rngs(jax.random.key(config.seed, impl="unsafe_rbg")), dtype=dtype,
                                  param_dtype=jnp.float32, remat=remat)
         except ValueError as err:
             raise TrainError(f"config: {err}") from None
@@ -420,7 +421,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stop: dict) -> Train
         log.close()
     summary = dict(step=step, seconds=round(time.time() - start_time, 1),
                    loss_first=losses[0] if losses else None, loss_last=float(np.mean(losses[-10:])) if losses else None,
-                   step_seconds=log.median_step_seconds(), mfu=log.last_mfu)
+                   step_seconds=log.median_step_seconds(), mfu=log.last_mfu, losses=losses)
     if jax.process_index() == 0:
         mfu = "n/a" if summary["mfu"] is None else f"{100 * summary['mfu']:.1f}%"
         print(f"done: step {summary['step']}, {summary['seconds']} s, loss {summary['loss_first']} -> "
@@ -546,7 +547,7 @@ def _state_shardings(abstract_state, param_shardings, replicated):
 
 
 def _synthetic_records(config, workdir: str) -> str:
-    """Generates the demo's synthetic clips once (process 0) and returns the records directory."""
+    """Generates the demo's synthetic clips once (process 0; the others wait for it) -> the records directory."""
     from actalker_jax.data import synthetic
 
     out = os.path.join(workdir, "synthetic")
@@ -554,6 +555,10 @@ def _synthetic_records(config, workdir: str) -> str:
     if jax.process_index() == 0 and not os.path.isdir(records_dir):
         synthetic.main(["--out", out, "--num-clips", str(config.synthetic_clips), "--seed", str(config.seed),
                         "--frames", str(config.synthetic_frames), "--size", str(config.synthetic_size)])
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("synthetic records written")
     return records_dir
 
 

@@ -152,6 +152,23 @@ def test_two_processes_disjoint_and_cover_each_epoch(shard_dir):
         assert sorted(seen[0] + seen[1]) == list(range(n))
 
 
+def test_global_batch_does_not_depend_on_the_process_count(shard_dir):
+    """Processes 0 and 1 with batch 2, stacked in process order, are the batches of one process with batch 4."""
+    path, _ = shard_dir
+    config = make_config(path, batch_size=2, buckets=((16, 16), (32, 32)))
+    parts = [take(config, 6, process_index=p, process_count=2) for p in range(2)]
+    config.data.batch_size = 4
+    assert_batches_equal([{k: np.concatenate([a[k], b[k]]) for k in a} for a, b in zip(*parts)], take(config, 6))
+
+
+def test_eval_split_gives_every_process_the_same_number_of_batches(shard_dir):
+    path, _ = shard_dir
+    config = make_config(path, batch_size=1, eval_fraction=0.5)
+    counts = [len(list(pipeline.make_dataset(config, split="eval", process_index=p, process_count=3)))
+              for p in range(3)]
+    assert len(set(counts)) == 1 and counts[0] > 0, counts
+
+
 def test_buckets_agree_across_processes_at_each_step(shard_dir):
     path, _ = shard_dir
     config = make_config(path, batch_size=1, buckets=((8, 8), (16, 24), (24, 16), (32, 32)))

@@ -9,8 +9,13 @@ Order of operations (`make_dataset`):
 
     source (ArrayRecord shards or `tfds.data_source`, one split) -> seeded shuffle (reshuffled every epoch)
     -> repeat -> per-example sampling (frame window, stride, reference frame, crop bucket)
-    -> per-process slice [process_index::process_count] -> batch (drop remainder)
+    -> batch (drop remainder) -> per-process slice of whole batches [process_index::process_count]
     -> to_iter_dataset(ReadOptions) -> mp_prefetch (config.data.workers > 0)
+
+Global step j is the stream block [j * B * P, (j + 1) * B * P) (B = per-process batch, P = process count), and
+process p's batch is its p-th run of B consecutive elements, so the global batch that
+`jax.make_array_from_process_local_data` assembles (process 0's rows first) is the same for any P: a run on
+P processes with batch B sees exactly the batches of a one-process run with batch B * P.
 
 Determinism: the element at position k of the repeated, shuffled stream (epoch = k // n, clip index i) is
 sampled with `np.random.default_rng([seed, 0, epoch, i])`; the crop bucket of global step j = k // (B * P)
@@ -345,8 +350,9 @@ def make_dataset(config, *, split: str, process_index: int, process_count: int) 
     """The grain IterDataset of numpy batches for this process (module doc: order, determinism, batch keys).
 
     config: has `seed` (int) and `data` (fields of `default_data_config()`). split: "train" or "eval".
-    Each process gets clips [process_index::process_count] of the repeated, shuffled stream and batches them
-    into config.data.batch_size examples (drop remainder). The eval split is read once, unshuffled.
+    The repeated, shuffled stream is cut into batches of config.data.batch_size consecutive examples (drop
+    remainder) and each process gets batches [process_index::process_count] (all the same number of them), so
+    the global batch of a step does not depend on the process count. The eval split is read once, unshuffled.
     """
     _check_split(split)
     if not 0 <= process_index < process_count:
@@ -365,8 +371,9 @@ def make_dataset(config, *, split: str, process_index: int, process_count: int) 
     ds = ds.map_with_index(SampleClip(
         seed=int(config.seed), num_clips=len(source), n_frames=int(data.n_frames), max_stride=int(data.max_stride),
         buckets=_buckets(data), step_size=int(data.batch_size) * process_count))
-    ds = ds[process_index::process_count]
     ds = ds.batch(int(data.batch_size), drop_remainder=True, batch_fn=stack_examples)
+    ds = ds[:len(ds) - len(ds) % process_count]  # every process gets the same number of batches
+    ds = ds[process_index::process_count]
     out = ds.to_iter_dataset(grain.ReadOptions(num_threads=int(data.read_threads),
                                                prefetch_buffer_size=int(data.prefetch_buffer)))
     if data.workers > 0:
