@@ -49,6 +49,8 @@ setup(
         "scipy",  # synthetic speech (the demo's data)
         "av",  # video I/O (PyAV; there is no ffmpeg binary on the target machines)
         "tqdm",
+        "tensorboardX",  # TensorBoard summaries (summaries.py)
+        "pillow",  # GIF sample videos in TensorBoard
     ],
     extras_require={
         "test": ["pytest", "pyyaml", "torch==2.13.0", "diffusers", "transformers"] + DATA_EXTRAS,

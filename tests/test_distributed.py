@@ -13,6 +13,8 @@ This file is also the worker: `python tests/test_distributed.py --worker CONFIG.
 
 import json
 import os
+
+import pytest
 import pickle
 import signal
 import socket
@@ -161,6 +163,7 @@ def distributed_config(**overrides):
     return config
 
 
+@pytest.mark.slow
 def test_two_processes_train_and_agree_on_the_loss(tmp_path):
     deadline = time.time() + TIMEOUT_S
     workers = Workers(distributed_config(distributed=True, **{"data.batch_size": BATCH_PER_PROCESS}), tmp_path)

@@ -5,6 +5,8 @@ import json
 import math
 import os
 
+import pytest
+
 from actalker_jax import evaluate, train
 
 _spec = importlib.util.spec_from_file_location(
@@ -13,6 +15,7 @@ configs_demo = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(configs_demo)
 
 
+@pytest.mark.slow
 def test_generate_train_sample_evaluate(tmp_path):
     config = configs_demo.get_config()
     config.synthetic_clips = 2          # the trainer generates them into WORKDIR/synthetic and writes records

@@ -22,6 +22,7 @@ import numpy as np
 from flax import nnx
 
 from actalker_jax import diffusion
+from actalker_jax.bench.timing import print_peak_memory
 from actalker_jax.models.actalker import ACTalkerConfig, ACTalkerModel
 from actalker_jax.sample import MAX_WINDOW, LoadedModel, _sample_latents
 
@@ -94,9 +95,7 @@ def main(argv=None):
     print(f"first run (incl. compile) {first:.1f} s; timed run {seconds:.2f} s = "
           f"{seconds / (args.frames / FPS):.2f} s per generated second, {1e3 * seconds / calls:.1f} ms per window call; "
           f"traces of the step: {loaded.traces}")
-    stats = device.memory_stats() if hasattr(device, "memory_stats") else None
-    if stats and "peak_bytes_in_use" in stats:
-        print(f"peak device memory: {stats['peak_bytes_in_use'] / 2**30:.2f} GiB")
+    print_peak_memory(device)
 
 
 if __name__ == "__main__":

@@ -23,3 +23,10 @@ def median_ms(fn, args, warmup: int, iters: int) -> float:
         jax.block_until_ready(fn(*args))
         times.append(time.perf_counter() - start)
     return 1e3 * statistics.median(times)
+
+
+def print_peak_memory(device) -> None:
+    """Prints the device's peak memory in use where the backend reports it (GPU/TPU; not CPU)."""
+    stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+    if stats and "peak_bytes_in_use" in stats:
+        print(f"peak device memory: {stats['peak_bytes_in_use'] / 2**30:.2f} GiB")

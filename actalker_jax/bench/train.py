@@ -18,7 +18,7 @@ import numpy as np
 from absl import app, flags
 
 from actalker_jax import flops, sharding, train
-from actalker_jax.bench.timing import median_ms
+from actalker_jax.bench.timing import median_ms, print_peak_memory
 
 _FRAMES = flags.DEFINE_integer("frames", None, "frames per clip (default: config.data.n_frames)")
 _IMAGE = flags.DEFINE_integer("image", None, "square image side in pixels (default: config.media.image_size)")
@@ -100,9 +100,7 @@ def main(argv):
     print(f"step: median {step_ms:.1f} ms over {_STEPS.value} steps; {tokens / step_ms * 1e3:,.0f} latent tokens/s; "
           f"{step_flops / 1e12:.2f} TFLOP per step (analytic, 3x forward); "
           f"MFU {'n/a (unknown peak)' if util is None else f'{100 * util:.1f}%'}")
-    stats = device.memory_stats() if hasattr(device, "memory_stats") else None
-    if stats and "peak_bytes_in_use" in stats:
-        print(f"peak device memory: {stats['peak_bytes_in_use'] / 2**30:.2f} GiB")
+    print_peak_memory(device)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from actalker_jax.bench.timing import first_call_s, median_ms
+from actalker_jax.bench.timing import first_call_s, median_ms, print_peak_memory
 from actalker_jax.models.unet import UNetConfig, UNetSpatioTemporalConditionModel, count_params
 
 CONFIGS = {"tiny": UNetConfig.tiny, "svd_xt": UNetConfig.svd_xt}
@@ -73,9 +73,7 @@ def main(argv=None):
         first = first_call_s(fn, (params, *inputs))
         median = median_ms(fn, (params, *inputs), 0, args.steps)
         print(f"{mode:8s} median {median:9.1f} ms over {args.steps} calls (first call incl. compile {first:.1f} s)")
-    stats = device.memory_stats() if hasattr(device, "memory_stats") else None
-    if stats and "peak_bytes_in_use" in stats:
-        print(f"peak device memory: {stats['peak_bytes_in_use'] / 2**30:.2f} GiB")
+    print_peak_memory(device)
 
 
 if __name__ == "__main__":
