@@ -12,7 +12,7 @@ Every step is the code the records were made with, so a model sees at sampling w
 |------------------|-------------------|-----------------------------------------------------|-------------------------------|
 | face_finder      | "synthetic"       | the renderer's geometry fitted to the image; id = Appearance.vector(); masks = `synthetic.region_masks` | `synthetic_fit`, `synthetic` |
 |                  | "dlib"            | dlib track, square crop (CROP_EXPAND), masks, 128-d descriptor; motion = landmark descriptor + PnP pose | `face`, `motion` |
-| autoencoder      | "pixel_unshuffle" | pixel_unshuffle(2 x / 255 - 1, 4) / its exact inverse | `demo_encoders`             |
+| autoencoder      | "pixel_unshuffle" | pixel_unshuffle(2 x / 255 - 1, f) / its exact inverse (f = latent_factor, default 4) | `demo_encoders` |
 |                  | "vae"             | SVD VAE posterior mean (`preprocess.LatentEncoder`) / decode in chunks of 10 frames | `models/vae.py` |
 | audio_features   | "log_mel"         | log-mel windows, 8 per frame                        | `demo_encoders.featurize_audio` |
 |                  | "whisper"         | Whisper-tiny hidden states, 10-token windows        | `audio.WhisperEncoder`, `frame_windows` |
@@ -41,6 +41,7 @@ FACE_FINDERS = ("synthetic", "dlib")
 SAMPLE_RATE = 16000
 VAE_DECODE_CHUNK = 10
 MEAN_OPEN_EYE = 0.75
+VAE_FACTOR = 8
 REQUIRED_KEYS = ("autoencoder", "vae_path", "audio_features", "whisper_path", "face_finder", "image_size", "fps")
 
 
@@ -83,7 +84,22 @@ def media_config(config) -> dict[str, Any]:
         raise MediaError(f"config.media.image_size must be a positive multiple of 8, got {values['image_size']}")
     if not float(values["fps"]) > 0:
         raise MediaError(f"config.media.fps must be positive, got {values['fps']}")
-    return dict(values, image_size=size, fps=float(values["fps"]))
+    factor = _latent_factor(media, values["autoencoder"], size)
+    return dict(values, image_size=size, fps=float(values["fps"]), latent_factor=factor)
+
+
+def _latent_factor(media, autoencoder: str, size: int) -> int:
+    """config.media.latent_factor (optional): pixels per latent side. pixel_unshuffle: any f >= 1 dividing
+    image_size (default demo_encoders.LATENT_FACTOR, 3 f^2 latent channels); vae: 8 (the SVD VAE)."""
+    default = demo_encoders.LATENT_FACTOR if autoencoder == "pixel_unshuffle" else VAE_FACTOR
+    factor = media.get("latent_factor", default) if hasattr(media, "get") else default
+    if isinstance(factor, bool) or not isinstance(factor, (int, np.integer)) or factor < 1:
+        raise MediaError(f"config.media.latent_factor must be a positive int, got {factor!r}")
+    if autoencoder == "vae" and factor != VAE_FACTOR:
+        raise MediaError(f"config.media.latent_factor must be {VAE_FACTOR} for the SVD VAE, got {factor}")
+    if size % factor:
+        raise MediaError(f"config.media.latent_factor {factor} does not divide config.media.image_size {size}")
+    return int(factor)
 
 
 def resample(wav: np.ndarray, sample_rate: int) -> np.ndarray:
@@ -152,11 +168,12 @@ class Media:
 
     @property
     def factor(self) -> int:
-        return demo_encoders.LATENT_FACTOR if self.options["autoencoder"] == "pixel_unshuffle" else 8
+        """Image pixels per latent pixel along each side (config.media.latent_factor)."""
+        return self.options["latent_factor"]
 
     @property
     def latent_channels(self) -> int:
-        return 3 * demo_encoders.LATENT_FACTOR ** 2 if self.options["autoencoder"] == "pixel_unshuffle" else 4
+        return 3 * self.factor ** 2 if self.options["autoencoder"] == "pixel_unshuffle" else 4
 
     def _encoder(self):
         if self._latent_encoder is None:
@@ -171,13 +188,13 @@ class Media:
     def encode(self, frames: np.ndarray) -> np.ndarray:
         """(T, H, W, 3) uint8 -> (T, h, w, c) float32 unscaled latents (as the records store them)."""
         if self.options["autoencoder"] == "pixel_unshuffle":
-            return demo_encoders.pixel_unshuffle(frames.astype(np.float32) / 127.5 - 1.0, demo_encoders.LATENT_FACTOR)
+            return demo_encoders.pixel_unshuffle(frames.astype(np.float32) / 127.5 - 1.0, self.factor)
         return self._encoder()(frames)
 
     def decode(self, latents: np.ndarray) -> np.ndarray:
         """(T, h, w, c) unscaled latents -> (T, H, W, 3) uint8; the VAE decodes VAE_DECODE_CHUNK frames per call."""
         if self.options["autoencoder"] == "pixel_unshuffle":
-            images = demo_encoders.pixel_shuffle(np.asarray(latents, np.float32), demo_encoders.LATENT_FACTOR)
+            images = demo_encoders.pixel_shuffle(np.asarray(latents, np.float32), self.factor)
         else:
             images = np.concatenate([self._decode_chunk(latents[i:i + VAE_DECODE_CHUNK])
                                      for i in range(0, len(latents), VAE_DECODE_CHUNK)])

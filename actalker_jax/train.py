@@ -25,6 +25,7 @@ from ml_collections import config_flags
 
 from actalker_jax import diffusion, flops, optim, sharding
 from actalker_jax.data import pipeline
+from actalker_jax.media import Media
 from actalker_jax.models.actalker import ACTalkerConfig, ACTalkerModel, face_box_image
 from actalker_jax.models.actalker_unet import PCMConfig
 from actalker_jax.models.unet import UNetConfig
@@ -554,7 +555,8 @@ def _synthetic_records(config, workdir: str) -> str:
     records_dir = os.path.join(out, "records")
     if jax.process_index() == 0 and not os.path.isdir(records_dir):
         synthetic.main(["--out", out, "--num-clips", str(config.synthetic_clips), "--seed", str(config.seed),
-                        "--frames", str(config.synthetic_frames), "--size", str(config.synthetic_size)])
+                        "--frames", str(config.synthetic_frames), "--size", str(config.synthetic_size),
+                        "--factor", str(Media(config).factor)])
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 

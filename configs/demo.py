@@ -2,12 +2,17 @@
 
     python -m actalker_jax.train --config configs/demo.py --workdir runs/demo
 
-Generates 64 synthetic 64x64 clips of 25 frames into WORKDIR/synthetic (mouth driven by speech-like
-audio, eyes/brows/yaw by an independent motion signal), encodes them with the exact pixel-unshuffle
-autoencoder (16x16x48 latents), and trains the tiny ACTalker model (widths 32/64, PCM in the
-cross-attention blocks, IP-adapters, condition encoders) with the paper's EDM objective, gate sampling
-and condition dropout on 2 CPU cores. Checkpoints in WORKDIR/checkpoints; re-running resumes.
-What it reaches: see the README (measured numbers are recorded there and in docs/benchmarks.md).
+Generates 64 synthetic 32x32 clips of 25 frames into WORKDIR/synthetic (mouth driven by speech-like audio,
+eyes/brows/yaw by an independent motion signal), encodes them with the exact pixel-unshuffle autoencoder (factor 2:
+16x16x12 latents), and trains the tiny ACTalker model (widths 32/64, PCM in the cross-attention blocks,
+IP-adapters, condition encoders) with the paper's EDM objective, gate sampling and condition dropout on 2 CPU
+cores (~1 s per step). Checkpoints in WORKDIR/checkpoints; re-running resumes.
+
+Why 32x32 and factor 2: the UNet's first level is 32 channels wide, and it cannot carry 48 latent channels
+(64x64 at factor 4) through it: on one fixed batch at sigma = 1 the x0 error fell to 0.098 in 150 Adam steps
+with 48 channels and to 0.0017 with 12 (docs/benchmarks.md, "Demo learnability").
+What it reaches: 300 steps do not yet learn control (the x0 error at sigma = 1 is ~10x that of copying the
+reference); the measured curve vs steps and what would reach the control targets: docs/benchmarks.md.
 """
 
 import ml_collections
@@ -25,19 +30,20 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # Synthetic data made on the first run (0 clips: use config.data.records instead).
     c.synthetic_clips = 64
     c.synthetic_frames = 25
-    c.synthetic_size = 64
+    c.synthetic_size = 32
 
     # Pretrained weights (converted checkpoints, see configs/actalker_svd_xt.py); the demo starts from scratch.
     c.init = ml_collections.ConfigDict(dict(unet="", actalker=""))
 
     # How raw media become model inputs and back (read by sampling and evaluation from the stored config).
     c.media = ml_collections.ConfigDict(dict(
-        autoencoder="pixel_unshuffle",  # "pixel_unshuffle" (demo, exact, factor 4) | "vae" (SVD VAE at vae_path)
+        autoencoder="pixel_unshuffle",  # "pixel_unshuffle" (demo, exact) | "vae" (SVD VAE at vae_path)
         vae_path="",                    # converted Flax VAE (python -m actalker_jax.convert svd), for "vae"
         audio_features="log_mel",       # "log_mel" (demo_encoders) | "whisper" (data/audio.py, whisper_path)
         whisper_path="",
         face_finder="synthetic",        # "synthetic" (fits the demo renderer) | "dlib" (real photos)
-        image_size=64,                  # square frame side in pixels
+        image_size=32,                  # square frame side in pixels
+        latent_factor=2,                # pixel_unshuffle: latents (H/f, W/f, 3 f^2) = 16x16x12; the VAE's is 8
         fps=12.5,
     ))
 
@@ -47,7 +53,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.eval_fraction = 0.1
 
     c.model = ml_collections.ConfigDict(dict(
-        unet=dict(in_channels=96, out_channels=48, block_out_channels=(32, 64),
+        unet=dict(in_channels=24, out_channels=12, block_out_channels=(32, 64),
                   down_block_types=("CrossAttnDownBlockSpatioTemporal", "DownBlockSpatioTemporal"),
                   up_block_types=("UpBlockSpatioTemporal", "CrossAttnUpBlockSpatioTemporal"),
                   layers_per_block=1, cross_attention_dim=32, num_attention_heads=(2, 4),
@@ -56,11 +62,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         # the forward pass and as fast in training (docs/benchmarks.md); GPU configs use "auto" (Pallas).
         pcm=dict(enabled=True, scan_over="frame", residual="replace", scan_impl="reference"),
         audio_seq_len=8, audio_blocks=1, audio_channels=16, audio_hidden_dim=64, audio_tokens=4,
-        id_dim=16, id_hidden_dim=32, expression_dim=3, pose_guider_channels=(8, 16, 16),
+        id_dim=16, id_hidden_dim=32, expression_dim=3, pose_guider_channels=(8, 16),
         inference_masks="regions",
     ))
 
-    c.diffusion = ml_collections.ConfigDict(dict(latent_scale=1.0))
+    c.diffusion = ml_collections.ConfigDict(dict(latent_scale=1.0, p_mean=0.7, p_std=1.6))
 
     c.train = ml_collections.ConfigDict(dict(
         gate_probs=(0.5, 0.25, 0.25),   # both / audio only / motion only (unpublished officially: ours)
@@ -71,7 +77,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     ))
 
     c.optim = ml_collections.ConfigDict(dict(
-        lr=3e-4, warmup_steps=20, schedule="cosine", final_lr_ratio=0.1, b1=0.9, b2=0.999, eps=1e-8,
+        lr=1e-3, warmup_steps=20, schedule="cosine", final_lr_ratio=0.1, b1=0.9, b2=0.999, eps=1e-8,
         weight_decay=1e-2, clip_norm=1.0, grad_accum=1, trainable="", frozen="", ema_decay=0.0))
 
     # TensorBoard (WORKDIR/tensorboard): scalars every 10 steps; a held-out clip sampled in each control mode

@@ -1,6 +1,5 @@
 """CI-sized end to end: synthetic clips -> records -> train a few steps -> sample -> evaluate control."""
 
-import importlib.util
 import json
 import math
 import os
@@ -8,11 +7,7 @@ import os
 import pytest
 
 from actalker_jax import evaluate, train
-
-_spec = importlib.util.spec_from_file_location(
-    "configs_demo_e2e", os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "demo.py"))
-configs_demo = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(configs_demo)
+from demo_config import configs_demo
 
 
 @pytest.mark.slow
@@ -20,8 +15,6 @@ def test_generate_train_sample_evaluate(tmp_path):
     config = configs_demo.get_config()
     config.synthetic_clips = 2          # the trainer generates them into WORKDIR/synthetic and writes records
     config.synthetic_frames = 10
-    config.synthetic_size = 32
-    config.media.image_size = 32
     config.data.n_frames = 4
     config.data.eval_fraction = 0.0
     config.model.unet.num_frames = 4

@@ -4,7 +4,6 @@ The stand-in for `sample.generate` (the real one is called by `evaluate control`
 an ideal model: each signal drives exactly its own features.
 """
 
-import importlib.util
 import json
 import os
 import types
@@ -15,11 +14,7 @@ from scipy.ndimage import gaussian_filter
 
 from actalker_jax.data import synthetic
 from actalker_jax.eval import control, control_metrics
-
-_spec = importlib.util.spec_from_file_location(
-    "configs_demo", os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "demo.py"))
-configs_demo = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(configs_demo)
+from demo_config import configs_demo
 
 
 @pytest.fixture(scope="module")
@@ -30,8 +25,9 @@ def clips():
 def test_held_out_clips_are_not_training_clips(clips):
     config = configs_demo.get_config()
     assert [c["index"] for c in clips] == [control.HELD_OUT_START + i for i in range(3)]
-    assert clips[0]["frames"].shape == (config.synthetic_frames, 64, 64, 3) and clips[0]["seed"] == config.seed
-    training = synthetic.generate_clip(config.seed, 0, config.synthetic_frames, 64, config.media.fps)
+    size = config.media.image_size
+    assert clips[0]["frames"].shape == (config.synthetic_frames, size, size, 3) and clips[0]["seed"] == config.seed
+    training = synthetic.generate_clip(config.seed, 0, config.synthetic_frames, size, config.media.fps)
     assert not np.array_equal(training["wav"], clips[0]["wav"])
     config.synthetic_clips = control.HELD_OUT_START + 1
     with pytest.raises(ValueError, match="reaches the held-out indices"):
@@ -62,9 +58,11 @@ def test_measurement_tracks_ground_truth_and_not_shuffled_time(clips):
 
 
 def test_measurement_survives_blur_and_noise(clips):
-    """Generated frames are rarely sharp: the fit picks a matching render blur (RENDER_SIGMAS) per clip."""
+    """Generated frames are rarely sharp: the fit picks a matching render blur (RENDER_SIGMAS) per clip. Blurs in
+    pixels of a 64-pixel frame (control_metrics.BLUR_WIDTH), scaled to the clips' size."""
     for i, (sigma, noise) in enumerate(((1.0, 6.0), (1.5, 6.0), (2.0, 4.0))):
         clip = clips[i]
+        sigma *= clip["size"] / control_metrics.BLUR_WIDTH
         frames = gaussian_filter(clip["frames"].astype(np.float32), (0, sigma, sigma, 0))
         frames += np.random.default_rng(i).normal(0, noise, frames.shape)
         measured = control_metrics.fit_motion(np.clip(np.round(frames), 0, 255).astype(np.uint8), clip["appearance"])
@@ -148,10 +146,12 @@ def test_run_control_with_an_ideal_model(clips, tmp_path):
 
 def test_run_control_rejects_bad_sampler_output(clips, tmp_path):
     loaded = types.SimpleNamespace(config=configs_demo.get_config(), step=0, model=None)
+    size = loaded.config.media.image_size
     with pytest.raises(ValueError, match="mode audio, held-out clip 0: generate returned 3 frames for 25 frames"):
-        control.run_control(loaded, lambda *a, **k: np.zeros((3, 64, 64, 3), np.uint8), num_clips=1, out=str(tmp_path))
-    with pytest.raises(ValueError, match=r"held-out clip 0: generate returned float32 \(25, 64, 64\)"):
-        control.run_control(loaded, lambda *a, **k: np.zeros((25, 64, 64), np.float32), num_clips=1,
+        control.run_control(loaded, lambda *a, **k: np.zeros((3, size, size, 3), np.uint8), num_clips=1,
+                            out=str(tmp_path))
+    with pytest.raises(ValueError, match=rf"held-out clip 0: generate returned float32 \(25, {size}, {size}\)"):
+        control.run_control(loaded, lambda *a, **k: np.zeros((25, size, size), np.float32), num_clips=1,
                             out=str(tmp_path))
 
 

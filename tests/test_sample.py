@@ -1,7 +1,6 @@
 """Sampling on the demo-size model (random init saved in the trainer's checkpoint layout), 32x32 frames,
 window 4, 2 Euler steps: frame counts, mp4 with audio, reproducibility, control modes, errors, one trace."""
 
-import importlib.util
 import json
 import os
 import shutil
@@ -14,19 +13,15 @@ from flax import nnx
 from actalker_jax import optim, sample, train
 from actalker_jax.data import synthetic
 from actalker_jax.models.actalker import ACTalkerModel
+from demo_config import configs_demo, small_geometry
 
-_spec = importlib.util.spec_from_file_location(
-    "configs_demo", os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "demo.py"))
-configs_demo = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(configs_demo)
 
 SIZE, WINDOW, STEPS = 32, 4, 2
 SAMPLES_PER_FRAME = 1280  # 16 kHz at 12.5 fps
 
 
 def tiny_config():
-    config = configs_demo.get_config()
-    config.media.image_size = SIZE
+    config = small_geometry(configs_demo.get_config())
     config.data.n_frames = WINDOW
     config.model.unet.num_frames = WINDOW
     config.model.pcm.scan_impl = "reference"
@@ -224,3 +219,27 @@ def test_circular_windows():
     for n, w, shift in [(8, 4, 3), (13, 4, 1), (50, 25, 21)]:
         counts = np.bincount(diffusion.circular_windows(n, w, shift).ravel(), minlength=n)
         assert counts.min() == 1 and counts.max() <= 2 and counts.sum() == -(-n // w) * w
+
+
+def test_media_latent_factor():
+    from actalker_jax.media import Media, MediaError
+
+    config = tiny_config()
+    config.media.latent_factor = 2
+    media = Media(config)
+    assert (media.factor, media.latent_channels) == (2, 12)
+    frames = np.random.default_rng(0).integers(0, 256, (2, SIZE, SIZE, 3), dtype=np.uint8)
+    latents = media.encode(frames)
+    assert latents.shape == (2, SIZE // 2, SIZE // 2, 12)
+    np.testing.assert_array_equal(media.decode(latents), frames)
+    for value, message in ((3, "latent_factor 3 does not divide config.media.image_size 32"),
+                           (0, "latent_factor must be a positive int, got 0"),
+                           (True, "latent_factor must be a positive int, got True")):
+        bad = tiny_config()
+        bad.media.latent_factor = value
+        with pytest.raises(MediaError, match=message):
+            Media(bad)
+    bad = tiny_config()
+    bad.media.update(autoencoder="vae", vae_path="/nowhere", latent_factor=4)
+    with pytest.raises(MediaError, match="must be 8 for the SVD VAE, got 4"):
+        Media(bad)

@@ -231,11 +231,26 @@ def test_workers_give_identical_records(dataset, tmp_path):
 def test_bad_arguments_are_named(tmp_path, dataset):
     with pytest.raises(FileExistsError, match="already holds"):
         synthetic.generate_dataset(dataset[0], 1)
-    with pytest.raises(ValueError, match="got 30"):
+    with pytest.raises(ValueError, match="size 30 is not divisible by the latent factor 4"):
         synthetic.generate_dataset(str(tmp_path), 1, size=30)
+    with pytest.raises(ValueError, match="got 31"):
+        synthetic.generate_dataset(str(tmp_path), 1, size=31, factor=1)
     with pytest.raises(ValueError, match="frames must be >= 1, got 0"):
         synthetic.generate_clip(0, 0, num_frames=0)
     with pytest.raises(ValueError, match="fps must be positive, got -1"):
         synthetic.generate_clip(0, 0, fps=-1.0)
     with pytest.raises(ValueError, match="even frame size, got 10x9"):
         synthetic.write_mp4(str(tmp_path / "x.mp4"), np.zeros((1, 10, 9, 3), np.uint8), 12.5)
+
+
+def test_latent_factor_of_the_records(tmp_path):
+    manifest = synthetic.main(["--out", str(tmp_path), "--num-clips", "1", "--frames", "4", "--size", "32",
+                               "--factor", "2"])
+    assert manifest["shapes"]["latents"] == [4, 16, 16, 12] and manifest["encoders"]["latent_factor"] == 2
+    (record,) = records.iter_records(str(tmp_path / "records"))
+    clip = synthetic.generate_clip(0, 0, num_frames=4, size=32)
+    images = demo_encoders.pixel_shuffle(record["latents"].astype(np.float32), 2)
+    np.testing.assert_allclose((images + 1) * 127.5, clip["frames"], atol=0.26)
+    expression, pose = synthetic.motion_features(clip["truth"])
+    np.testing.assert_array_equal(record["motion"], expression.astype(np.float16))
+    np.testing.assert_array_equal(record["pose"], pose.astype(np.float16))

@@ -1,6 +1,5 @@
 """Trainer: resume equals an uninterrupted run, sharded step equals single device, NaN stop, bad configs."""
 
-import importlib.util
 import os
 import re
 import signal
@@ -14,11 +13,7 @@ import pytest
 
 from actalker_jax import train
 from actalker_jax.data import synthetic
-
-_spec = importlib.util.spec_from_file_location(
-    "configs_demo", os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "demo.py"))
-configs_demo = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(configs_demo)
+from demo_config import configs_demo, small_geometry, small_geometry_flags
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +24,7 @@ def records_dir(tmp_path_factory):
 
 
 def tiny_config(records, **overrides):
-    config = configs_demo.get_config()
+    config = small_geometry(configs_demo.get_config())
     config.synthetic_clips = 0
     config.data.records = records
     config.data.n_frames = 4
@@ -39,7 +34,6 @@ def tiny_config(records, **overrides):
     config.checkpoint.every_steps = 1
     config.checkpoint.every_minutes = 0.0
     config.mesh.devices = 1
-    config.media.image_size = 32
     config.synthetic_frames = 6
     config.log.sample_every_steps = 0
     # Adam with eps 1 and lr 0.05: Adam divides by sqrt(v), so for a near-zero gradient it turns the
@@ -233,7 +227,7 @@ def test_sigterm_saves_a_checkpoint_and_exits(records_dir, tmp_path):
     overrides = ["--config.synthetic_clips=0", f"--config.data.records={records_dir}", "--config.data.n_frames=4",
                  "--config.data.eval_fraction=0.0", "--config.model.unet.num_frames=4", "--config.total_steps=1000",
                  "--config.checkpoint.every_steps=1000", "--config.checkpoint.every_minutes=0.0",
-                 "--config.mesh.devices=1"]
+                 "--config.mesh.devices=1", *small_geometry_flags()]
     process = subprocess.Popen([sys.executable, "-m", "actalker_jax.train", "--config", config_path, "--workdir",
                                 str(workdir), *overrides], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 120

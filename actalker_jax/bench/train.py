@@ -19,19 +19,17 @@ from absl import app, flags
 
 from actalker_jax import flops, sharding, train
 from actalker_jax.bench.timing import median_ms, print_peak_memory
+from actalker_jax.media import Media
 
 _FRAMES = flags.DEFINE_integer("frames", None, "frames per clip (default: config.data.n_frames)")
 _IMAGE = flags.DEFINE_integer("image", None, "square image side in pixels (default: config.media.image_size)")
 _STEPS = flags.DEFINE_integer("steps", 5, "timed steps")
 _WARMUP = flags.DEFINE_integer("warmup", 2, "untimed steps after the compiling one")
 
-LATENT_FACTOR = {"vae": 8, "pixel_unshuffle": 4}
-
-
 def synthetic_batch(config, batch: int, frames: int, image: int, seed: int = 0) -> dict[str, np.ndarray]:
     """A random global batch with the shapes of data/pipeline.py for `config` (latents (B, F, h, w, c), ...)."""
     m = config.model
-    factor = LATENT_FACTOR[config.media.autoencoder]
+    factor = Media(config).factor
     if image % (8 * factor):
         raise ValueError(f"--image {image} must be a multiple of {8 * factor} (latent factor {factor} x 8)")
     h = image // factor
@@ -96,7 +94,7 @@ def main(argv):
     step_ms = median_ms(one_step, (), _WARMUP.value, _STEPS.value)
     step_flops = trainer.flops_per_step(batch)
     util = flops.mfu(step_flops, step_ms / 1e3, device, len(devices))
-    tokens = batch_size * frames * (image // LATENT_FACTOR[config.media.autoencoder]) ** 2
+    tokens = batch_size * frames * (image // Media(config).factor) ** 2
     print(f"step: median {step_ms:.1f} ms over {_STEPS.value} steps; {tokens / step_ms * 1e3:,.0f} latent tokens/s; "
           f"{step_flops / 1e12:.2f} TFLOP per step (analytic, 3x forward); "
           f"MFU {'n/a (unknown peak)' if util is None else f'{100 * util:.1f}%'}")

@@ -3,10 +3,11 @@
 Each one stands in for a frozen encoder of the paper model (a config choice; the model code is the same):
 
 - `pixel_unshuffle` / `pixel_shuffle`: an exactly invertible "autoencoder" in place of the SVD VAE.
-  Images (..., H, W, 3) in [-1, 1] -> latents (..., H/f, W/f, 3 f^2); f = 4 on 64x64 gives 16x16x48.
+  Images (..., H, W, 3) in [-1, 1] -> latents (..., H/f, W/f, 3 f^2); f = 4 on 64x64 gives 16x16x48, the demo's
+  f = 2 on 32x32 (config.media.latent_factor) 16x16x12.
   Channel order: latent[..., y, x, (fy * f + fx) * C + c] = image[..., y * f + fy, x * f + fx, c].
-  The demo UNet sees [noisy latents ; reference latents], so its in_channels = 2 x latent channels (96 for f = 4)
-  and its out_channels = latent channels (48).
+  The demo UNet sees [noisy latents ; reference latents], so its in_channels = 2 x latent channels (24 for f = 2)
+  and its out_channels = latent channels (12).
 - `log_mel` + `audio_windows` (= `featurize_audio`): log-mel frames in place of Whisper hidden states, windowed
   per video frame as spec §4 windows the Whisper states, in the record's `audio` layout (T, S, K=1, A=n_mels).
 - The synthetic ground truth in place of the expression / pose / identity encoders (see `synthetic.py`).

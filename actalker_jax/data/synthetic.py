@@ -1,7 +1,7 @@
 """Synthetic talking faces: procedural faces whose mouth follows speech-like audio, with independent motion.
 
     python -m actalker_jax.data.synthetic --out DIR --num-clips N [--seed S] [--frames T] [--size 64] [--fps 12.5]
-                                          [--workers W] [--clips-per-shard 64]
+                                          [--workers W] [--clips-per-shard 64] [--factor 4]
 
 Writes DIR/clips/clip_NNNNNN.{mp4,wav,npz,json} (H.264 yuv420p video, 16 kHz mono int16 wav, per-frame ground
 truth, JSON summary) and DIR/records/shard_NNNNN.array_record + DIR/records/manifest.json (training records
@@ -23,7 +23,7 @@ feature at normalised face position (u, v) with depth d to u cos(yaw) + d sin(ya
 cos(yaw) - u / d sin(yaw) (clipped to [0.2, 1]). `GEOMETRY` holds the constants, `motion_from_geometry` maps fitted
 ellipses back to (mouth, eye, brow, yaw), `clip_boxes` / `keypoints` give boxes and landmark-like points.
 
-Record fields (see `records.py`): latents = pixel_unshuffle(2 frame - 1, 4) (T, H/4, W/4, 48); audio = log-mel
+Record fields (see `records.py`): latents = pixel_unshuffle(2 frame - 1, f) (T, H/f, W/f, 3 f^2), f = --factor (4); audio = log-mel
 windows (T, 8, 1, 16); motion = [eye openness, brow height, blink] (T, 3); pose = [yaw deg, 0, 0, 0, 0, 0];
 id_embed = `Appearance.vector()` (16,) = [background, skin, hair, lips RGB, cx / W, cy / H, rx / W, ry / H];
 mask_audio = union of the mouth boxes over the clip dilated by `MOUTH_MARGIN` face half-widths (and 1 pixel);
@@ -435,16 +435,23 @@ def region_masks(params: FaceParams, size: int) -> tuple[np.ndarray, np.ndarray]
     return mouth.astype(np.uint8), (face & ~mouth).astype(np.uint8)
 
 
-def clip_record(clip: dict) -> dict[str, np.ndarray]:
-    """The training record of a generated clip (schema of `records.py`), encoded with `demo_encoders`."""
+def motion_features(truth: dict) -> tuple[np.ndarray, np.ndarray]:
+    """Ground truth of a clip -> (expression (T, EXPRESSION_DIM) = [eye, brow, blink], pose (T, 6) = [yaw deg, 0...])."""
+    expression = np.stack([truth[k] for k in EXPRESSION_KEYS], axis=-1).astype(np.float32)
+    pose = np.zeros((len(expression), 6), np.float32)
+    pose[:, 0] = truth["yaw"]
+    return expression, pose
+
+
+def clip_record(clip: dict, factor: int = demo_encoders.LATENT_FACTOR) -> dict[str, np.ndarray]:
+    """The training record of a generated clip (schema of `records.py`), encoded with `demo_encoders`
+    (latents: pixel_unshuffle with `factor`)."""
     frames, truth, params, size = clip["frames"], clip["truth"], clip["params"], clip["size"]
     num_frames = len(frames)
     images = frames.astype(np.float32) / 127.5 - 1.0
-    latents = demo_encoders.pixel_unshuffle(images, demo_encoders.LATENT_FACTOR)
+    latents = demo_encoders.pixel_unshuffle(images, factor)
     audio = demo_encoders.featurize_audio(clip["wav"], num_frames, clip["fps"])
-    expression = np.stack([truth[k] for k in EXPRESSION_KEYS], axis=-1)
-    pose = np.zeros((num_frames, 6), np.float32)
-    pose[:, 0] = truth["yaw"]
+    expression, pose = motion_features(truth)
     mask_audio, mask_motion = region_masks(params, size)
     return dict(
         latents=latents.astype(np.float16), audio=audio.astype(np.float16), motion=expression.astype(np.float16),
@@ -514,19 +521,18 @@ def write_clip_files(clip: dict, clips_dir: str) -> dict:
 def _check_args(num_frames: int, size: int, fps: float) -> None:
     if num_frames < 1:
         raise ValueError(f"frames must be >= 1, got {num_frames}")
-    if size < 8 or size % (2 * demo_encoders.LATENT_FACTOR):
-        raise ValueError(f"size must be >= 8 and a multiple of {2 * demo_encoders.LATENT_FACTOR} (even for H.264, "
-                         f"divisible by the latent factor {demo_encoders.LATENT_FACTOR}), got {size}")
+    if size < 8 or size % 2:
+        raise ValueError(f"size must be >= 8 and even (H.264), got {size}")
     if not fps > 0:
         raise ValueError(f"fps must be positive, got {fps}")
 
 
 def _make_clip(job: tuple) -> dict:
     """Worker: generate clip `index`, write its files, return its record."""
-    seed, index, num_frames, size, fps, clips_dir = job
+    seed, index, num_frames, size, fps, factor, clips_dir = job
     clip = generate_clip(seed, index, num_frames, size, fps)
     write_clip_files(clip, clips_dir)
-    return clip_record(clip)
+    return clip_record(clip, factor)
 
 
 _THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
@@ -546,9 +552,14 @@ def _worker_pool(workers: int):
 
 
 def generate_dataset(out: str, num_clips: int, seed: int = 0, num_frames: int = 25, size: int = 64,
-                     fps: float = 12.5, workers: int = 1, clips_per_shard: int = 64) -> dict:
-    """Generates `num_clips` clips into `out` (clips/, records/ + records/manifest.json); returns the manifest."""
+                     fps: float = 12.5, workers: int = 1, clips_per_shard: int = 64,
+                     factor: int = demo_encoders.LATENT_FACTOR) -> dict:
+    """Generates `num_clips` clips into `out` (clips/, records/ + records/manifest.json); returns the manifest.
+
+    factor: the pixel-unshuffle latent factor of the records (latents (T, size/f, size/f, 3 f^2))."""
     _check_args(num_frames, size, fps)
+    if isinstance(factor, bool) or not isinstance(factor, (int, np.integer)) or factor < 1 or size % factor:
+        raise ValueError(f"size {size} is not divisible by the latent factor {factor!r} (a positive int)")
     if num_clips < 1 or clips_per_shard < 1 or workers < 1:
         raise ValueError(f"num_clips, clips_per_shard and workers must be >= 1, got {num_clips}, {clips_per_shard}, "
                          f"{workers}")
@@ -557,7 +568,7 @@ def generate_dataset(out: str, num_clips: int, seed: int = 0, num_frames: int = 
         raise FileExistsError(f"{records_dir} already holds {records.SHARD_SUFFIX} shards; choose a new --out")
     os.makedirs(clips_dir, exist_ok=True)
     os.makedirs(records_dir, exist_ok=True)
-    jobs = [(seed, i, num_frames, size, fps, clips_dir) for i in range(num_clips)]
+    jobs = [(seed, i, num_frames, size, fps, factor, clips_dir) for i in range(num_clips)]
     start = time.time()
     pool = _worker_pool(workers) if workers > 1 else None
     try:
@@ -572,15 +583,15 @@ def generate_dataset(out: str, num_clips: int, seed: int = 0, num_frames: int = 
         if pool:
             pool.close()
             pool.join()
-    h = size // demo_encoders.LATENT_FACTOR
+    h = size // factor
     manifest = dict(
         source="actalker_jax.data.synthetic", version=records.VERSION, seed=seed, num_clips=num_clips,
         frames=num_frames, size=size, fps=fps, sample_rate=SAMPLE_RATE, shards=shards, clips_dir="../clips",
-        encoders=dict(latents=f"pixel_unshuffle factor {demo_encoders.LATENT_FACTOR} of frames in [-1, 1]",
+        encoders=dict(latents=f"pixel_unshuffle factor {factor} of frames in [-1, 1]", latent_factor=factor,
                       audio=dict(kind="log1p mel", n_fft=demo_encoders.N_FFT, hop=demo_encoders.HOP,
                                  n_mels=demo_encoders.N_MELS, window=demo_encoders.WINDOW),
                       motion=list(EXPRESSION_KEYS), pose="[yaw deg, 0, 0, 0, 0, 0]", id_embed="Appearance.vector"),
-        shapes=dict(latents=[num_frames, h, h, 3 * demo_encoders.LATENT_FACTOR ** 2],
+        shapes=dict(latents=[num_frames, h, h, 3 * factor ** 2],
                     audio=[num_frames, demo_encoders.WINDOW, 1, demo_encoders.N_MELS],
                     motion=[num_frames, EXPRESSION_DIM], pose=[num_frames, 6], id_embed=[ID_DIM],
                     mask_audio=[size, size]),
@@ -601,9 +612,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--fps", type=float, default=12.5)
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--clips-per-shard", type=int, default=64)
+    parser.add_argument("--factor", type=int, default=demo_encoders.LATENT_FACTOR,
+                        help="pixel-unshuffle latent factor of the records")
     args = parser.parse_args(argv)
     manifest = generate_dataset(args.out, args.num_clips, args.seed, args.frames, args.size, args.fps,
-                                args.workers, args.clips_per_shard)
+                                args.workers, args.clips_per_shard, args.factor)
     print(f"{args.num_clips} clips in {manifest['seconds']:.1f} s "
           f"({args.num_clips / max(manifest['seconds'], 1e-9):.2f} clips/s) -> {args.out}")
     return manifest

@@ -42,8 +42,8 @@ def held_out_clips(config, num_clips: int) -> list[dict]:
 
 def motion_features(clip: dict) -> np.ndarray:
     """A clip's motion features (T, De + 6) float32: the record's expression `motion` then its head `pose`."""
-    record = synthetic.clip_record(clip)
-    return np.concatenate([record["motion"], record["pose"]], axis=-1).astype(np.float32)
+    expression, pose = synthetic.motion_features(clip["truth"])
+    return np.concatenate([expression, pose], axis=-1)
 
 
 def _aligned(frames: np.ndarray, clip: dict, where: str) -> tuple[np.ndarray, dict]:

@@ -10,7 +10,8 @@ eye openness, brow height (fitted so that it does not bias the others) and head 
 over yaw (`YAW_GRID`, other parameters at `START`), a joint grid over mouth and eye openness (`OPEN_GRID`; the
 eye error is non-convex: a nearly closed eye is a dark slit), then `LM_STEPS` Levenberg-Marquardt steps on the
 squared pixel error with forward-difference Jacobians (`FD_STEP`), parameters kept inside `LOWER`/`UPPER`. Frames are
-compared after a `BLUR_SIGMA` pixel Gaussian blur with renders blurred by the `RENDER_SIGMAS` entry that fits
+compared after a `BLUR_SIGMA` pixel Gaussian blur (pixels of a `BLUR_WIDTH`-wide frame; scaled with the width) with
+renders blurred by the `RENDER_SIGMAS` entry that fits
 `PROBE_FRAMES` frames of the clip best (sharp renders, or renders as blurry as the generated frames: blur would
 otherwise bias the eye openness). All frames are fitted together (one batched numpy render per step): ~0.5 s for
 a 25-frame 64x64 clip on one core.
@@ -41,6 +42,7 @@ OPEN_GRID = np.linspace(0.0, 1.0, 11)
 LM_STEPS = 5
 BLUR_SIGMA = 1.0                 # frames and renders are compared blurred ...
 RENDER_SIGMAS = (1.0, 1.4, 1.8)  # ... renders by the one of these that fits the clip best (frames sharp or blurred)
+BLUR_WIDTH = 64                  # the blurs above are pixels of a frame this wide; they scale with the frame width
 PROBE_FRAMES = 4                 # frames the blur is chosen on
 # Below these standard deviations a measured series counts as still: the fit's crosstalk between features on
 # exact renders is < 1e-3 (mouth, eye) and < 0.01 deg (yaw).
@@ -111,9 +113,10 @@ def fit_motion(frames: np.ndarray, appearance: synthetic.Appearance) -> dict[str
     frames = np.asarray(frames)
     if frames.ndim != 4 or frames.shape[-1] != 3:
         raise ValueError(f"fit_motion expects frames (T, H, W, 3), got shape {frames.shape}")
-    target = _blur(frames.astype(np.float32), BLUR_SIGMA)
+    scale = frames.shape[2] / BLUR_WIDTH
+    target = _blur(frames.astype(np.float32), BLUR_SIGMA * scale)
     probe = target[::max(1, len(target) // PROBE_FRAMES)][:PROBE_FRAMES]
-    sigma = min(RENDER_SIGMAS, key=lambda s: _fit(probe, appearance, s)[1].sum())
+    sigma = min((s * scale for s in RENDER_SIGMAS), key=lambda s: _fit(probe, appearance, s)[1].sum())
     theta, _ = _fit(target, appearance, sigma)
     return {name: theta[:, i].astype(np.float32) for i, name in enumerate(PARAMS)}
 

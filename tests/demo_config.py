@@ -1,0 +1,31 @@
+"""configs/demo.py for the tests (loaded by path: configs/ is not a package) and the tests' small geometry."""
+
+import importlib.util
+import os
+
+_spec = importlib.util.spec_from_file_location(
+    "configs_demo", os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "demo.py"))
+configs_demo = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(configs_demo)
+
+
+# 32x32 frames as 8x8x48 latents (pixel-unshuffle factor 4): a quarter of the demo's 16x16 latent tokens, so trainer
+# and sampler tests compile and run 4x less. Records for it: synthetic `--size 32` (default factor 4).
+SMALL_GEOMETRY = {"synthetic_size": 32, "media.image_size": 32, "media.latent_factor": 4, "model.unet.in_channels": 96,
+                  "model.unet.out_channels": 48, "model.pose_guider_channels": (8, 16, 16)}
+
+
+def small_geometry(config):
+    """The demo config switched to SMALL_GEOMETRY (in place; returned for chaining)."""
+    for key, value in SMALL_GEOMETRY.items():
+        *parents, leaf = key.split(".")
+        node = config
+        for name in parents:
+            node = node[name]
+        node[leaf] = value
+    return config
+
+
+def small_geometry_flags() -> list[str]:
+    """SMALL_GEOMETRY as `--config.key=value` command-line overrides."""
+    return [f"--config.{key}={value}" for key, value in SMALL_GEOMETRY.items()]
