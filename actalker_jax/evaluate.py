@@ -3,10 +3,12 @@
     python -m actalker_jax.evaluate control --workdir DIR [--num-clips 8] [--out DIR] [--steps 25] [--seed 0]
     python -m actalker_jax.evaluate video --pred DIR --ref DIR [--out DIR] [--inception PT] [--i3d PT]
                                           [--lpips PT] [--syncnet PT] [--no-dlib]
+    python -m actalker_jax.evaluate denoise --workdir DIR [--sigmas 0.2,1,5] [--batch 4] [--split eval] [--out DIR]
 
 control: the control benchmark on held-out synthetic clips (`eval/control.py`): control.json, control.png and
 control.md in --out (default: the workdir). video: metrics of generated videos against references for real data
-(`eval/video.py`): video.json and video.md in --out (default: --pred).
+(`eval/video.py`): video.json and video.md in --out (default: --pred). denoise: the cheap denoising probe of a
+checkpoint (`eval/denoise.py`: x0 error with true / swapped conditions vs copying the reference): denoise.json.
 """
 
 import argparse
@@ -33,6 +35,18 @@ def _video(args) -> dict:
     return result
 
 
+def _denoise(args) -> dict:
+    from actalker_jax import sample
+    from actalker_jax.eval import denoise
+
+    sigmas = denoise.parse_sigmas(args.sigmas)
+    loaded = sample.load_model(args.workdir)
+    result = denoise.run_denoise(loaded, sigmas=sigmas, batch_size=args.batch, split=args.split, seed=args.seed,
+                                 out=args.out or args.workdir)
+    print(denoise.markdown_table(result), end="")
+    return result
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m actalker_jax.evaluate", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -53,6 +67,14 @@ def parser() -> argparse.ArgumentParser:
     v.add_argument("--syncnet", default=None, help="syncnet_v2 state dict (syncnet_python format) for Sync-C/D")
     v.add_argument("--no-dlib", action="store_true", help="skip the dlib lip-sync and identity metrics")
     v.set_defaults(run=_video)
+    d = sub.add_parser("denoise", help="denoising probe of a checkpoint (x0 error, use of the conditions)")
+    d.add_argument("--workdir", required=True, help="training workdir or checkpoint step directory")
+    d.add_argument("--sigmas", default="0.2,1,5", help="comma-separated noise levels")
+    d.add_argument("--batch", type=int, default=4, help="clips in the probe batch (>= 2)")
+    d.add_argument("--split", default="eval", choices=("eval", "train"), help="records split")
+    d.add_argument("--seed", type=int, default=0, help="noise seed")
+    d.add_argument("--out", default=None, help="output directory (default: the workdir)")
+    d.set_defaults(run=_denoise)
     return p
 
 

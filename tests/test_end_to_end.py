@@ -1,4 +1,4 @@
-"""CI-sized end to end: synthetic clips -> records -> train a few steps -> sample -> evaluate control."""
+"""CI-sized end to end: synthetic clips -> records -> train a few steps -> sample -> evaluate control and denoise."""
 
 import json
 import math
@@ -40,3 +40,8 @@ def test_generate_train_sample_evaluate(tmp_path):
     assert report["modes"]["audio"]["eye_corr"] is None and report["modes"]["motion"]["mouth_corr"] is None
     assert os.path.getsize(os.path.join(out, "control.png")) > 1000
     assert os.path.isfile(os.path.join(out, "control.md"))
+
+    probe = evaluate.main(["denoise", "--workdir", workdir, "--split", "train", "--batch", "2", "--sigmas", "1",
+                           "--out", out])
+    assert probe["checkpoint_step"] == 2
+    assert all(math.isfinite(v) for v in probe["sigmas"]["1"].values())
