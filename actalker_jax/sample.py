@@ -50,6 +50,7 @@ from actalker_jax import diffusion
 from actalker_jax.data.face import FaceError
 from actalker_jax.media import Media, MediaError, resample
 from actalker_jax.models.actalker import INFERENCE_MASKS, ACTalkerModel, control_masks, face_box_image
+from actalker_jax.run_model import TrainError, flatten, model_config, unflatten
 
 CONTROLS = {"audio": (1.0, 0.0), "motion": (0.0, 1.0), "both": (1.0, 1.0)}
 MAX_WINDOW = 25
@@ -86,8 +87,6 @@ class LoadedModel:
 
     def set_params(self, params: dict, step: int) -> None:
         """New parameter values ({"dotted.key": array}, same shapes), keeping the compiled denoising step."""
-        from actalker_jax.train import flatten, unflatten
-
         _, state = nnx.split(self.model)
         if set(params) != set(flatten(state)):
             raise ValueError("set_params: the parameter keys differ from the model's")
@@ -99,8 +98,6 @@ class LoadedModel:
     @classmethod
     def from_params(cls, config, params: dict, step: int, path: str) -> "LoadedModel":
         """A LoadedModel of a run config and its parameters ({"dotted.key": array}), e.g. a train state's."""
-        from actalker_jax.train import model_config, unflatten
-
         media = Media(config)
         dtype = jnp.dtype(config.get("compute_dtype", "float32"))
         graphdef, abstract = nnx.split(nnx.eval_shape(
@@ -137,8 +134,6 @@ def load_model(path: str) -> LoadedModel:
     Errors name the checkpoint and the config key or parameter that does not fit.
     """
     import orbax.checkpoint as ocp
-
-    from actalker_jax.train import TrainError, flatten, model_config
 
     step_dir, step = _step_dir(path)
     try:

@@ -26,9 +26,8 @@ from ml_collections import config_flags
 from actalker_jax import diffusion, flops, optim, sharding
 from actalker_jax.data import pipeline
 from actalker_jax.media import Media
-from actalker_jax.models.actalker import ACTalkerConfig, ACTalkerModel, face_box_image
-from actalker_jax.models.actalker_unet import PCMConfig
-from actalker_jax.models.unet import UNetConfig
+from actalker_jax.run_model import TrainError, flatten, model_config, unflatten  # noqa: F401  (train.* API)
+from actalker_jax.models.actalker import ACTalkerModel, face_box_image
 
 CONFIG_FLAG = config_flags.DEFINE_config_file("config", None, "Training config file (configs/*.py[:arg]).",
                                           lock_config=True)
@@ -47,22 +46,7 @@ class TrainResult:
     workdir: str
 
 
-class TrainError(RuntimeError):
-    """A run that cannot start or continue; the message names the config key, file or step."""
-
-
 # ----------------------------------------------------------------------------- config -> objects
-
-def model_config(config) -> ACTalkerConfig:
-    """ACTalkerConfig from `config.model` (unet / pcm sub-dicts plus encoder sizes)."""
-    m = config.model.to_dict()
-    unet = UNetConfig(**{"temporal_context": "frame_mean", **m.pop("unet")})
-    pcm = PCMConfig(**m.pop("pcm"))
-    try:
-        return ACTalkerConfig(unet=unet, pcm=pcm, **m)
-    except TypeError as err:
-        raise TrainError(f"config.model: {err}") from None
-
 
 def batch_sharding(mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
@@ -72,16 +56,6 @@ def global_batch(local: dict, mesh) -> dict:
     """Per-process numpy batch -> global jax arrays sharded over (data, fsdp) on the batch axis."""
     s = batch_sharding(mesh)
     return {k: jax.make_array_from_process_local_data(s, np.asarray(v)) for k, v in local.items()}
-
-
-def flatten(state: nnx.State) -> dict[str, jax.Array]:
-    """nnx.State -> {"dotted.path": array} (the checkpoint and optimizer view of the parameters)."""
-    return {".".join(str(p) for p in path): var.get_value() for path, var in nnx.to_flat_state(state)}
-
-
-def unflatten(template: nnx.State, flat: dict) -> nnx.State:
-    return nnx.from_flat_state([(path, var.replace(flat[".".join(str(p) for p in path)]))
-                                for path, var in nnx.to_flat_state(template)])
 
 
 # ----------------------------------------------------------------------------- the loss

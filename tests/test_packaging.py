@@ -32,3 +32,25 @@ def test_wheel_contains_and_imports_kernels(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True, timeout=300,
                          cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(site)}).stdout.split()
     assert all(path.startswith(str(site)) for path in out), out
+
+
+def test_only_entry_points_import_the_trainer():
+    """train.py defines absl flags; a module that imports it (even inside a function) and runs under
+    `python -m actalker_jax.train` defines them a second time (DuplicateFlagError: it once broke the demo's sample
+    previews). Only the benchmark entry points, which reuse its --config flag, may import it."""
+    import ast
+    import pathlib
+
+    root = pathlib.Path(__file__).resolve().parents[1] / "actalker_jax"
+    offenders = []
+    for path in sorted(root.rglob("*.py")):
+        relative = path.relative_to(root).as_posix()
+        if relative == "train.py" or relative.startswith("bench/"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module == "actalker_jax.train" or (
+                    node.module == "actalker_jax" and any(a.name == "train" for a in node.names))):
+                offenders.append(f"{relative}:{node.lineno}")
+            if isinstance(node, ast.Import) and any(a.name == "actalker_jax.train" for a in node.names):
+                offenders.append(f"{relative}:{node.lineno}")
+    assert not offenders, offenders

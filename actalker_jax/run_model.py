@@ -1,0 +1,42 @@
+"""A run config's model and the flat parameter view, shared by training, sampling and evaluation.
+
+    mcfg = model_config(config)                 # config.model -> ACTalkerConfig (TrainError names a bad key)
+    flat = flatten(nnx.split(model)[1])         # {"dotted.path": array}: checkpoints and the optimizer use it
+    state = unflatten(template_state, flat)
+
+No command-line flags live here, so every module can import it (train.py defines the trainer's flags; importing
+it from code that runs under `python -m actalker_jax.train` would define them twice).
+"""
+
+import jax
+from flax import nnx
+
+from actalker_jax.models.actalker import ACTalkerConfig
+from actalker_jax.models.actalker_unet import PCMConfig
+from actalker_jax.models.unet import UNetConfig
+
+
+class TrainError(RuntimeError):
+    """A run that cannot start or continue; the message names the config key, file or step."""
+
+
+def model_config(config) -> ACTalkerConfig:
+    """ACTalkerConfig from `config.model` (unet / pcm sub-dicts plus encoder sizes)."""
+    m = config.model.to_dict()
+    unet = UNetConfig(**{"temporal_context": "frame_mean", **m.pop("unet")})
+    pcm = PCMConfig(**m.pop("pcm"))
+    try:
+        return ACTalkerConfig(unet=unet, pcm=pcm, **m)
+    except TypeError as err:
+        raise TrainError(f"config.model: {err}") from None
+
+
+def flatten(state: nnx.State) -> dict[str, jax.Array]:
+    """nnx.State -> {"dotted.path": array} (the checkpoint and optimizer view of the parameters)."""
+    return {".".join(str(p) for p in path): var.get_value() for path, var in nnx.to_flat_state(state)}
+
+
+def unflatten(template: nnx.State, flat: dict) -> nnx.State:
+    """The inverse of `flatten` onto a template state of the same paths."""
+    return nnx.from_flat_state([(path, var.replace(flat[".".join(str(p) for p in path)]))
+                                for path, var in nnx.to_flat_state(template)])
