@@ -15,15 +15,20 @@ SMALL_GEOMETRY = {"synthetic_size": 32, "media.image_size": 32, "media.latent_fa
                   "model.unet.out_channels": 48, "model.pose_guider_channels": (8, 16, 16)}
 
 
-def small_geometry(config):
-    """The demo config switched to SMALL_GEOMETRY (in place; returned for chaining)."""
-    for key, value in SMALL_GEOMETRY.items():
+def set_keys(config, values: dict):
+    """Sets dotted keys ("model.unet.in_channels") of a config in place; returns it for chaining."""
+    for key, value in values.items():
         *parents, leaf = key.split(".")
         node = config
         for name in parents:
             node = node[name]
         node[leaf] = value
     return config
+
+
+def small_geometry(config):
+    """The demo config switched to SMALL_GEOMETRY (in place; returned for chaining)."""
+    return set_keys(config, SMALL_GEOMETRY)
 
 
 def small_geometry_flags() -> list[str]:

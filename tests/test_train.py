@@ -13,7 +13,7 @@ import pytest
 
 from actalker_jax import train
 from actalker_jax.data import synthetic
-from demo_config import configs_demo, small_geometry, small_geometry_flags
+from demo_config import configs_demo, set_keys, small_geometry, small_geometry_flags
 
 
 @pytest.fixture(scope="module")
@@ -42,13 +42,7 @@ def tiny_config(records, **overrides):
     # gradients, so comparing sharded and single-device parameters at rtol 1e-5 tests the gradients.
     config.optim.eps = 1.0
     config.optim.lr = 0.05
-    for key, value in overrides.items():
-        target = config
-        *parents, leaf = key.split(".")
-        for name in parents:
-            target = target[name]
-        target[leaf] = value
-    return config
+    return set_keys(config, overrides)
 
 
 def leaves(tree):
