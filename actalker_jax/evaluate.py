@@ -19,7 +19,7 @@ def _control(args) -> dict:
     from actalker_jax import sample
     from actalker_jax.eval import control
 
-    loaded = sample.load_model(args.workdir)
+    loaded = sample.load_model(args.workdir, args.weights)
     result = control.run_control(loaded, sample.generate, num_clips=args.num_clips, steps=args.steps,
                                  seed=args.seed, out=args.out or args.workdir)
     print(control.markdown_table(result), end="")
@@ -40,7 +40,7 @@ def _denoise(args) -> dict:
     from actalker_jax.eval import denoise
 
     sigmas = denoise.parse_sigmas(args.sigmas)
-    loaded = sample.load_model(args.workdir)
+    loaded = sample.load_model(args.workdir, args.weights)
     result = denoise.run_denoise(loaded, sigmas=sigmas, batch_size=args.batch, split=args.split, seed=args.seed,
                                  out=args.out or args.workdir)
     print(denoise.markdown_table(result), end="")
@@ -51,11 +51,13 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m actalker_jax.evaluate", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
     c = sub.add_parser("control", help="control benchmark on held-out synthetic clips")
-    c.add_argument("--workdir", required=True, help="training workdir (its newest checkpoint is evaluated)")
+    c.add_argument("--workdir", required=True, help="training workdir (its newest checkpoint) or checkpoint step directory")
     c.add_argument("--num-clips", type=int, default=8)
     c.add_argument("--out", default=None, help="output directory (default: the workdir)")
     c.add_argument("--steps", type=int, default=25, help="sampling steps")
     c.add_argument("--seed", type=int, default=0, help="sampling seed of the first clip (clip i: seed + i)")
+    c.add_argument("--weights", choices=("auto", "ema", "params"), default="auto",
+                   help="auto: the EMA of the parameters when stored, else the parameters")
     c.set_defaults(run=_control)
     v = sub.add_parser("video", help="metrics of generated videos against reference videos")
     v.add_argument("--pred", required=True, help="directory of generated videos (mp4 with audio)")
@@ -74,6 +76,8 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--split", default="eval", choices=("eval", "train"), help="records split")
     d.add_argument("--seed", type=int, default=0, help="noise seed")
     d.add_argument("--out", default=None, help="output directory (default: the workdir)")
+    d.add_argument("--weights", choices=("auto", "ema", "params"), default="auto",
+                   help="auto: the EMA of the parameters when stored, else the parameters")
     d.set_defaults(run=_denoise)
     return p
 

@@ -128,11 +128,17 @@ def _step_dir(path: str) -> tuple[str, int]:
                      "(with state/ and config/)")
 
 
-def load_model(path: str) -> LoadedModel:
-    """A workdir or checkpoint step directory -> LoadedModel (EMA parameters when stored).
+WEIGHTS = ("auto", "ema", "params")
 
-    Errors name the checkpoint and the config key or parameter that does not fit.
+
+def load_model(path: str, weights: str = "auto") -> LoadedModel:
+    """A workdir or checkpoint step directory -> LoadedModel.
+
+    weights: "auto" (the EMA of the parameters when the checkpoint stores one, else the parameters), "ema" or
+    "params". Errors name the checkpoint and the config key or parameter that does not fit.
     """
+    if weights not in WEIGHTS:
+        raise InputError("weights", f"must be one of {WEIGHTS}, got {weights!r}")
     import orbax.checkpoint as ocp
 
     step_dir, step = _step_dir(path)
@@ -150,7 +156,9 @@ def load_model(path: str) -> LoadedModel:
     graphdef, abstract = nnx.split(nnx.eval_shape(lambda: ACTalkerModel(mcfg, rngs=nnx.Rngs(0), dtype=dtype)))
     expected = flatten(abstract)
     stored = ocp.PyTreeCheckpointer().metadata(os.path.join(step_dir, "state")).item_metadata.tree
-    item = "ema" if "ema" in stored else "params"
+    item = weights if weights != "auto" else ("ema" if "ema" in stored else "params")
+    if item not in stored:
+        raise InputError("checkpoint", f"{step_dir}: holds no {item!r} weights (stored: {sorted(stored)})")
     _check_parameters(step_dir, item, expected, stored.get(item, {}))
     target = {item: {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in expected.items()}}
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
@@ -383,6 +391,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--control", required=True, choices=tuple(CONTROLS))
     parser.add_argument("--out", required=True, help="output .mp4")
     parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument("--weights", choices=WEIGHTS, default="auto",
+                        help="auto: the EMA of the parameters when stored, else the parameters")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--guidance", type=float, nargs=3, metavar=("APPEARANCE", "AUDIO", "MOTION"),
                         help="guidance scales (default: the run's config.diffusion, 2.0 7.5 3.0)")
@@ -401,7 +411,7 @@ def run(args: argparse.Namespace) -> dict:
     """The command: load, read inputs, generate, write the mp4. Returns a summary."""
     from actalker_jax.data import video_io
 
-    loaded = load_model(args.workdir or args.checkpoint)
+    loaded = load_model(args.workdir or args.checkpoint, args.weights)
     image = read_image(args.image)
     try:
         wav = video_io.decode_audio(args.audio)

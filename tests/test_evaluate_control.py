@@ -165,7 +165,7 @@ def test_control_command_writes_into_the_workdir(clips, tmp_path, monkeypatch, c
     generate, calls = _stand_in(clips[:1])
     loaded = types.SimpleNamespace(config=configs_demo.get_config(), step=42, model=None)
     fake = types.ModuleType("actalker_jax.sample")
-    fake.load_model = lambda path: loaded if path == str(tmp_path) else None
+    fake.load_model = lambda path, weights: loaded if (path, weights) == (str(tmp_path), "auto") else None
     fake.generate = generate
     monkeypatch.setitem(sys.modules, "actalker_jax.sample", fake)
     monkeypatch.setattr(actalker_jax, "sample", fake, raising=False)

@@ -103,8 +103,12 @@ def one_window(loaded, clip):
 def test_loads_the_checkpoint(loaded, workdir):
     assert loaded.step == 1 and loaded.window == WINDOW
     assert loaded.config.media.face_finder == "synthetic"
-    step_dir = sample.load_model(os.path.join(workdir, "checkpoints", "1"))
+    step_dir = sample.load_model(os.path.join(workdir, "checkpoints", "1"), weights="params")
     assert step_dir.step == 1
+    with pytest.raises(sample.InputError, match=r"checkpoint: .*holds no 'ema' weights \(stored: \['key', 'opt_state'"):
+        sample.load_model(workdir, weights="ema")
+    with pytest.raises(sample.InputError, match=r"weights: must be one of"):
+        sample.load_model(workdir, weights="best")
 
 
 @pytest.mark.parametrize("multiple", [1.0, 2.3, 3.0])
