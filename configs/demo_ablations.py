@@ -10,7 +10,8 @@
 | scan_video    | each PCM scan runs over the whole clip (F x h x w tokens) instead of per frame      |
 | fixed_gates   | both signals every step (gate_probs (1, 0, 0)) instead of sampled per sample        |
 
-What they reach: the table in docs/benchmarks.md ("Control ablations"), each row with its command.
+What they reach at 500 steps: the ablation table in docs/benchmarks.md ("Control vs training steps"), with its
+commands.
 """
 
 import importlib.util
