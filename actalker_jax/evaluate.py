@@ -47,17 +47,23 @@ def _denoise(args) -> dict:
     return result
 
 
+def _weights_argument(sub: argparse.ArgumentParser) -> None:
+    """--weights: which stored weights a checkpoint is evaluated with (sample.WEIGHTS)."""
+    sub.add_argument("--weights", choices=("auto", "ema", "params"), default="auto",
+                     help="auto: the EMA of the parameters when stored, else the parameters")
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m actalker_jax.evaluate", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
     c = sub.add_parser("control", help="control benchmark on held-out synthetic clips")
-    c.add_argument("--workdir", required=True, help="training workdir (its newest checkpoint) or checkpoint step directory")
+    c.add_argument("--workdir", required=True,
+                   help="training workdir (its newest checkpoint) or checkpoint step directory")
     c.add_argument("--num-clips", type=int, default=8)
     c.add_argument("--out", default=None, help="output directory (default: the workdir)")
     c.add_argument("--steps", type=int, default=25, help="sampling steps")
     c.add_argument("--seed", type=int, default=0, help="sampling seed of the first clip (clip i: seed + i)")
-    c.add_argument("--weights", choices=("auto", "ema", "params"), default="auto",
-                   help="auto: the EMA of the parameters when stored, else the parameters")
+    _weights_argument(c)
     c.set_defaults(run=_control)
     v = sub.add_parser("video", help="metrics of generated videos against reference videos")
     v.add_argument("--pred", required=True, help="directory of generated videos (mp4 with audio)")
@@ -76,8 +82,7 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--split", default="eval", choices=("eval", "train"), help="records split")
     d.add_argument("--seed", type=int, default=0, help="noise seed")
     d.add_argument("--out", default=None, help="output directory (default: the workdir)")
-    d.add_argument("--weights", choices=("auto", "ema", "params"), default="auto",
-                   help="auto: the EMA of the parameters when stored, else the parameters")
+    _weights_argument(d)
     d.set_defaults(run=_denoise)
     return p
 

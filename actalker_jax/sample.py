@@ -159,7 +159,7 @@ def load_model(path: str, weights: str = "auto") -> LoadedModel:
     item = weights if weights != "auto" else ("ema" if "ema" in stored else "params")
     if item not in stored:
         raise InputError("checkpoint", f"{step_dir}: holds no {item!r} weights (stored: {sorted(stored)})")
-    _check_parameters(step_dir, item, expected, stored.get(item, {}))
+    _check_parameters(step_dir, item, expected, stored[item])
     target = {item: {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in expected.items()}}
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     restore_args = jax.tree.map(lambda s: ocp.ArrayRestoreArgs(global_shape=s.shape, dtype=s.dtype, sharding=device),
