@@ -84,6 +84,22 @@ def test_unet_matches_diffusers_fp32(name, shape):
     assert rel_err(got, want) <= 1e-4
 
 
+def test_norm_num_groups_matches_diffusers_with_regrouped_norms():
+    """norm_num_groups=8 equals diffusers with every GroupNorm regrouped to 8 (weights are per channel)."""
+    config = TINY_CONFIGS["two_level"]
+    model = torch_unet(config, seed=8)
+    regrouped = [m for m in model.modules() if isinstance(m, torch.nn.GroupNorm)]
+    for norm in regrouped:
+        norm.num_groups = 8
+    x = inputs(config, 2, 3, 8, 12, seed=9, cross_tokens=2)
+    want = run_torch(model, x)
+    eight = UNetConfig(**{**config.__dict__, "norm_num_groups": 8})
+    got = jitted(flax_from_torch(eight, model))(**{k: jnp.asarray(v) for k, v in x.items()})
+    assert len(regrouped) > 10 and rel_err(got, want) <= 1e-4
+    # the 32-group model differs: the option is live
+    assert rel_err(jitted(flax_from_torch(config, model))(**{k: jnp.asarray(v) for k, v in x.items()}), want) > 1e-2
+
+
 def test_unet_matches_diffusers_bf16():
     """bf16 params and activations vs diffusers fp32, with PyTorch's own bf16 error as the yardstick.
 
@@ -157,6 +173,12 @@ def test_config_errors_name_the_key():
         UNetConfig.from_diffusers({**UNetConfig.tiny().to_diffusers(), "bogus": 1})
     with pytest.raises(ValueError, match="temporal_context"):
         UNetConfig.tiny(temporal_context="last")
+    with pytest.raises(ValueError, match="32 is not a multiple of 48 \\(norm_num_groups"):
+        UNetConfig.tiny(norm_num_groups=48)
+    with pytest.raises(ValueError, match="norm_num_groups must be a positive int, got 0"):
+        UNetConfig.tiny(norm_num_groups=0)
+    with pytest.raises(ValueError, match="norm_num_groups=8: diffusers' .* hard-codes 32 groups"):
+        UNetConfig.tiny(norm_num_groups=8).to_diffusers()
     unet = UNetSpatioTemporalConditionModel(UNetConfig.tiny(), rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="sample must be"):
         unet(jnp.zeros((1, 2, 4, 4, 3)), 0.0, jnp.zeros((1, 1, 32)), jnp.zeros((1, 3)))

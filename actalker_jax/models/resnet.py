@@ -21,14 +21,14 @@ class _ResnetBlock(nnx.Module):
     KERNEL: tuple[int, ...] = ()
 
     def __init__(self, in_channels: int, out_channels: int, *, temb_channels: int | None, eps: float,
-                 rngs: nnx.Rngs, dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32):
+                 rngs: nnx.Rngs, norm_groups: int = 32, dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32):
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         nkw = dict(dtype=dtype, param_dtype=param_dtype)
-        self.norm1 = GroupNorm(32, in_channels, epsilon=eps, **nkw)
+        self.norm1 = GroupNorm(norm_groups, in_channels, epsilon=eps, **nkw)
         self.conv1 = Conv(in_channels, out_channels, self.KERNEL, **kw)
         self.time_emb_proj = (Dense(temb_channels, out_channels, axes=("mlp", "conv_out"), **kw)
                               if temb_channels is not None else None)
-        self.norm2 = GroupNorm(32, out_channels, epsilon=eps, **nkw)
+        self.norm2 = GroupNorm(norm_groups, out_channels, epsilon=eps, **nkw)
         self.conv2 = Conv(out_channels, out_channels, self.KERNEL, **kw)
         self.conv_shortcut = (Conv(in_channels, out_channels, (1,) * len(self.KERNEL), **kw)
                               if in_channels != out_channels else None)
@@ -45,7 +45,10 @@ class _ResnetBlock(nnx.Module):
 
 
 class ResnetBlock2D(_ResnetBlock):
-    """diffusers ResnetBlock2D (default time-embedding norm, 32 groups). x: (N, H, W, C), temb: (N, T)."""
+    """diffusers ResnetBlock2D (default time-embedding norm, `norm_groups` GroupNorm groups: 32).
+
+    x: (N, H, W, C), temb: (N, T).
+    """
 
     KERNEL = (3, 3)
 
@@ -67,9 +70,9 @@ class SpatioTemporalResBlock(nnx.Module):
 
     def __init__(self, in_channels: int, out_channels: int, *, temb_channels: int | None, eps: float,
                  rngs: nnx.Rngs, temporal_eps: float | None = None, merge_factor: float = 0.5,
-                 switch_spatial_to_temporal_mix: bool = False, dtype: Dtype = jnp.float32,
+                 switch_spatial_to_temporal_mix: bool = False, norm_groups: int = 32, dtype: Dtype = jnp.float32,
                  param_dtype: Dtype = jnp.float32):
-        kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        kw = dict(rngs=rngs, norm_groups=norm_groups, dtype=dtype, param_dtype=param_dtype)
         self.spatial_res_block = ResnetBlock2D(in_channels, out_channels, temb_channels=temb_channels, eps=eps, **kw)
         self.temporal_res_block = TemporalResnetBlock(
             out_channels, out_channels, temb_channels=temb_channels,

@@ -137,13 +137,13 @@ class TransformerSpatioTemporalModel(nnx.Module):
     def __init__(self, num_heads: int, head_dim: int, in_channels: int, cross_attention_dim: int, *,
                  rngs: nnx.Rngs, num_layers: int = 1, site: SiteIndex = SiteIndex(),
                  hooks: TransformerHooks = TransformerHooks(), temporal_context: str = "first_frame",
-                 dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32):
+                 norm_groups: int = 32, dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32):
         if temporal_context not in TEMPORAL_CONTEXTS:
             raise ValueError(f"temporal_context must be one of {TEMPORAL_CONTEXTS}, got {temporal_context!r}")
         inner = num_heads * head_dim
         kw = dict(dtype=dtype, param_dtype=param_dtype)
         self.temporal_context = temporal_context
-        self.norm = GroupNorm(32, in_channels, epsilon=1e-6, **kw)
+        self.norm = GroupNorm(norm_groups, in_channels, epsilon=1e-6, **kw)
         self.proj_in = Dense(in_channels, inner, axes=("embed", "embed"), rngs=rngs, **kw)
 
         def make_site(layer, temporal):

@@ -41,12 +41,15 @@ def _per_block(value, n: int, name: str) -> tuple:
 
 @dataclasses.dataclass(frozen=True)
 class UNetConfig(DiffusersConfig):
-    """diffusers `UNetSpatioTemporalConditionModel` config keys, plus `temporal_context` (ours).
+    """diffusers `UNetSpatioTemporalConditionModel` config keys, plus `temporal_context` and `norm_num_groups` (ours).
 
     `temporal_context`: "first_frame" (diffusers / SVD) or "frame_mean" (ACTalker's temporal cross-attention).
+    `norm_num_groups`: groups of every GroupNorm (diffusers hard-codes 32). SVD's narrowest level has 320 channels,
+    10 per group; a 32-wide level with 32 groups normalises each channel alone (an instance norm, which removes
+    every channel's spatial mean, e.g. a clip's colours, at `conv_norm_out`), so small models may use fewer groups.
     """
 
-    OWN_FIELDS = ("temporal_context",)
+    OWN_FIELDS = ("temporal_context", "norm_num_groups")
 
     sample_size: int | None = None
     in_channels: int = 8
@@ -62,6 +65,7 @@ class UNetConfig(DiffusersConfig):
     num_attention_heads: int | tuple[int, ...] = (5, 10, 20, 20)
     num_frames: int = 25
     temporal_context: str = "first_frame"
+    norm_num_groups: int = 32
 
     def __post_init__(self):
         for name in ("down_block_types", "up_block_types", "block_out_channels"):
@@ -80,9 +84,13 @@ class UNetConfig(DiffusersConfig):
         for kind in self.up_block_types:
             if kind not in UP_BLOCK_TYPES:
                 raise ValueError(f"UNetConfig.up_block_types: unknown block {kind!r}; known: {UP_BLOCK_TYPES}")
+        groups = self.norm_num_groups
+        if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
+            raise ValueError(f"UNetConfig.norm_num_groups must be a positive int, got {groups!r}")
         for c in self.block_out_channels:
-            if c % 32:
-                raise ValueError(f"UNetConfig.block_out_channels: {c} is not a multiple of 32 (GroupNorm groups)")
+            if c % groups:
+                raise ValueError(f"UNetConfig.block_out_channels: {c} is not a multiple of {groups} "
+                                 f"(norm_num_groups, the GroupNorm groups)")
         if self.temporal_context not in TEMPORAL_CONTEXTS:
             raise ValueError(f"UNetConfig.temporal_context must be one of {TEMPORAL_CONTEXTS}, "
                              f"got {self.temporal_context!r}")
@@ -90,6 +98,13 @@ class UNetConfig(DiffusersConfig):
         for c, h in zip(self.block_out_channels, heads):
             if c % h:
                 raise ValueError(f"UNetConfig: {c} channels are not divisible by {h} attention heads")
+
+    def to_diffusers(self) -> dict:
+        """The diffusers constructor kwargs; diffusers' SVD UNet only has 32 GroupNorm groups."""
+        if self.norm_num_groups != 32:
+            raise ValueError(f"UNetConfig.norm_num_groups={self.norm_num_groups}: diffusers' "
+                             f"UNetSpatioTemporalConditionModel hard-codes 32 groups")
+        return super().to_diffusers()
 
     @property
     def heads_per_block(self) -> tuple[int, ...]:
@@ -127,10 +142,10 @@ class UNetConfig(DiffusersConfig):
 class _Blocks(nnx.Module):
     """Common constructor pieces of the four block types."""
 
-    def _transformer(self, channels, heads, cross_dim, layers, site, hooks, temporal_context, rngs, kw):
+    def _transformer(self, channels, heads, cross_dim, layers, site, hooks, temporal_context, norm_groups, rngs, kw):
         return TransformerSpatioTemporalModel(heads, channels // heads, channels, cross_dim, num_layers=layers,
                                               site=site, hooks=hooks, temporal_context=temporal_context,
-                                              rngs=rngs, **kw)
+                                              norm_groups=norm_groups, rngs=rngs, **kw)
 
 
 class DownBlock(_Blocks):
@@ -140,15 +155,16 @@ class DownBlock(_Blocks):
                  with_attention: bool, add_downsample: bool, rngs: nnx.Rngs, heads: int = 1,
                  cross_attention_dim: int = 1024, transformer_layers: int = 1, block_index: int = 0,
                  hooks: TransformerHooks = TransformerHooks(), temporal_context: str = "first_frame",
-                 dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32):
+                 norm_groups: int = 32, dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32):
         kw = dict(dtype=dtype, param_dtype=param_dtype)
         eps = 1e-6 if with_attention else 1e-5
         self.resnets = nnx.List([
             SpatioTemporalResBlock(in_channels if i == 0 else out_channels, out_channels,
-                                   temb_channels=temb_channels, eps=eps, rngs=rngs, **kw) for i in range(num_layers)])
+                                   temb_channels=temb_channels, eps=eps, norm_groups=norm_groups, rngs=rngs, **kw)
+            for i in range(num_layers)])
         self.attentions = nnx.List([
             self._transformer(out_channels, heads, cross_attention_dim, transformer_layers,
-                              SiteIndex("down", block_index, i), hooks, temporal_context, rngs, kw)
+                              SiteIndex("down", block_index, i), hooks, temporal_context, norm_groups, rngs, kw)
             for i in range(num_layers)]) if with_attention else None
         self.downsamplers = (nnx.List([Downsample2D(out_channels, out_channels, rngs=rngs, **kw)])
                              if add_downsample else None)
@@ -172,13 +188,14 @@ class MidBlock(_Blocks):
 
     def __init__(self, channels: int, temb_channels: int, *, heads: int, cross_attention_dim: int,
                  transformer_layers: int, rngs: nnx.Rngs, hooks: TransformerHooks = TransformerHooks(),
-                 temporal_context: str = "first_frame", dtype: Dtype = jnp.float32,
+                 temporal_context: str = "first_frame", norm_groups: int = 32, dtype: Dtype = jnp.float32,
                  param_dtype: Dtype = jnp.float32):
         kw = dict(dtype=dtype, param_dtype=param_dtype)
         self.resnets = nnx.List([SpatioTemporalResBlock(channels, channels, temb_channels=temb_channels, eps=1e-5,
-                                                        rngs=rngs, **kw) for _ in range(2)])
+                                                        norm_groups=norm_groups, rngs=rngs, **kw) for _ in range(2)])
         self.attentions = nnx.List([self._transformer(channels, heads, cross_attention_dim, transformer_layers,
-                                                      SiteIndex("mid", 0, 0), hooks, temporal_context, rngs, kw)])
+                                                      SiteIndex("mid", 0, 0), hooks, temporal_context, norm_groups,
+                                                      rngs, kw)])
 
     def __call__(self, x, temb, context, num_frames, conditions=None):
         x = self.resnets[0](x, temb, num_frames)
@@ -193,18 +210,18 @@ class UpBlock(_Blocks):
                  num_layers: int, with_attention: bool, add_upsample: bool, rngs: nnx.Rngs, heads: int = 1,
                  cross_attention_dim: int = 1024, transformer_layers: int = 1, block_index: int = 0,
                  hooks: TransformerHooks = TransformerHooks(), temporal_context: str = "first_frame",
-                 dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32):
+                 norm_groups: int = 32, dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32):
         kw = dict(dtype=dtype, param_dtype=param_dtype)
         resnets = []
         for i in range(num_layers):
             skip_channels = in_channels if i == num_layers - 1 else out_channels
             resnet_in = prev_output_channel if i == 0 else out_channels
             resnets.append(SpatioTemporalResBlock(resnet_in + skip_channels, out_channels, temb_channels=temb_channels,
-                                                  eps=1e-6, rngs=rngs, **kw))
+                                                  eps=1e-6, norm_groups=norm_groups, rngs=rngs, **kw))
         self.resnets = nnx.List(resnets)
         self.attentions = nnx.List([
             self._transformer(out_channels, heads, cross_attention_dim, transformer_layers,
-                              SiteIndex("up", block_index, i), hooks, temporal_context, rngs, kw)
+                              SiteIndex("up", block_index, i), hooks, temporal_context, norm_groups, rngs, kw)
             for i in range(num_layers)]) if with_attention else None
         self.upsamplers = nnx.List([Upsample2D(out_channels, out_channels, rngs=rngs, **kw)]) if add_upsample else None
 
@@ -235,7 +252,8 @@ class UNetSpatioTemporalConditionModel(nnx.Module):
         heads, cross = config.heads_per_block, config.cross_attention_dims
         layers, tlayers = config.layers_per_block_list, config.transformer_layers
         time_embed_dim = channels[0] * 4
-        common = dict(hooks=hooks, temporal_context=config.temporal_context, rngs=rngs, **kw)
+        common = dict(hooks=hooks, temporal_context=config.temporal_context, norm_groups=config.norm_num_groups,
+                      rngs=rngs, **kw)
 
         self.conv_in = Conv(config.in_channels, channels[0], (3, 3), rngs=rngs, **kw)
         self.time_embedding = TimestepEmbedding(channels[0], time_embed_dim, rngs=rngs, **kw)
@@ -260,7 +278,7 @@ class UNetSpatioTemporalConditionModel(nnx.Module):
                               heads=rev_heads[i], cross_attention_dim=rev_cross[i], transformer_layers=rev_tlayers[i],
                               block_index=i, **common))
         self.up_blocks = nnx.List(up)
-        self.conv_norm_out = GroupNorm(32, channels[0], epsilon=1e-5, **kw)
+        self.conv_norm_out = GroupNorm(config.norm_num_groups, channels[0], epsilon=1e-5, **kw)
         self.conv_out = Conv(channels[0], config.out_channels, (3, 3), rngs=rngs, **kw)
         self.remat = remat_lib.normalize(remat, self.block_names())
 
