@@ -9,6 +9,7 @@ from actalker_jax.kernels.selective_scan import resolve_impl, selective_scan
 # Small chunks so that short test sequences span several chunks, a ragged last chunk included.
 OPTIONS = {
     "reference": None,
+    "sequential": None,
     "xla": {"chunk_size": 8},
     "pallas": {"block_d": 4, "sub": 2, "block_d_bwd": 8, "sub_bwd": 4, "chunk": 8},
 }

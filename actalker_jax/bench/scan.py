@@ -39,6 +39,7 @@ SHAPES = {  # (batch, L, D, N)
     "paper-video": (2, 72_000, 640, 16),  # whole-video scan, top UNet level
     "paper-frame": (50, 3_105, 640, 16),  # per-frame scans: 48x64 tokens + ID + 32 audio tokens, 25 frames x 2
     "small": (2, 4_096, 128, 16),
+    "demo": (16, 261, 64, 16),  # configs/demo.py per-frame scans: 16x16 tokens + ID + 4 audio, 2 clips x 8 frames
     "long": (1, 131_072, 256, 16),  # memory check: one (L, D, N) float32 tensor would be 2 GiB
 }
 HBM_BYTES_PER_S = 3.35e12
@@ -216,7 +217,7 @@ def sweep(shape, dtype, base, specs, warmup, iters):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--impl", default="auto", choices=["auto", "reference", "xla", "pallas", "all"])
+    parser.add_argument("--impl", default="auto", choices=["auto", "reference", "sequential", "xla", "pallas", "all"])
     parser.add_argument("--shape", default="small", choices=list(SHAPES))
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     parser.add_argument("--warmup", type=int, default=2)
@@ -240,12 +241,13 @@ def main(argv=None):
         "pallas": {"block_d": args.block_d, "chunk": args.chunk, "sub": args.sub, "num_warps": args.num_warps,
                    "block_d_bwd": args.block_d_bwd, "sub_bwd": args.sub_bwd},
         "reference": {},
+        "sequential": {},
     }
     if args.sweep:
         return sweep(SHAPES[args.shape], jnp.dtype(args.dtype), knobs["pallas"], args.sweep, args.warmup, args.iters)
     on_gpu = resolve_impl("auto") == "pallas"
     if args.impl == "all":
-        impls = ["reference", "xla"] + (["pallas"] if on_gpu else [])
+        impls = ["reference", "sequential", "xla"] + (["pallas"] if on_gpu else [])
     else:
         impls = [resolve_impl(args.impl)]
     shape = SHAPES[args.shape]

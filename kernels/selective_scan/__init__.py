@@ -1,7 +1,8 @@
 """Masked, bidirectional Mamba-1 selective scan over (batch, L, D) sequences.
 
 `selective_scan(u, delta, A, B, C, D, z, delta_bias, *, delta_softplus, mask, reverse, impl)`;
-implementations: reference (lax.scan), xla (chunked), pallas (GPU kernel), auto.
+implementations: reference (lax.scan), sequential (lax.scan, hand-written adjoint), xla (chunked),
+pallas (GPU kernel), auto.
 """
 from actalker_jax.kernels.selective_scan.api import IMPLS, resolve_impl, selective_scan
 

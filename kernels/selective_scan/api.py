@@ -6,9 +6,10 @@ import jax.numpy as jnp
 
 from actalker_jax.kernels.selective_scan.pallas import selective_scan_pallas
 from actalker_jax.kernels.selective_scan.reference import selective_scan_reference
+from actalker_jax.kernels.selective_scan.sequential import selective_scan_sequential
 from actalker_jax.kernels.selective_scan.xla import selective_scan_xla
 
-IMPLS = ("auto", "reference", "xla", "pallas")
+IMPLS = ("auto", "reference", "sequential", "xla", "pallas")
 
 
 def _on_cuda():
@@ -70,8 +71,9 @@ def selective_scan(
         through) and outputs 0: the same as scanning only the kept tokens, in order, and
         scattering the outputs back into zeros.
       reverse: scan from the end (equal to flipping inputs and output, without the copies).
-      impl: "reference" (lax.scan), "xla" (chunked, any backend), "pallas" (GPU kernel; interpret
-        mode elsewhere), "auto" (pallas on CUDA GPUs, xla elsewhere).
+      impl: "reference" (lax.scan, differentiated by JAX), "sequential" (lax.scan with a hand-written
+        adjoint; stores every state: small shapes on CPU), "xla" (chunked, any backend), "pallas" (GPU
+        kernel; interpret mode elsewhere), "auto" (pallas on CUDA GPUs, xla elsewhere).
       options: optional tuning knobs of the chosen implementation (xla: chunk_size; pallas:
         block_d, chunk, sub, num_warps, interpret).
 
@@ -111,6 +113,7 @@ def selective_scan(
     delta_bias = jnp.zeros((dim,), jnp.float32) if delta_bias is None else jnp.asarray(delta_bias, jnp.float32)
     impl_fn = {
         "reference": selective_scan_reference,
+        "sequential": selective_scan_sequential,
         "xla": selective_scan_xla,
         "pallas": selective_scan_pallas,
     }[impl]
