@@ -4,15 +4,16 @@
 
 Generates 64 synthetic 32x32 clips of 25 frames into WORKDIR/synthetic (mouth driven by speech-like audio,
 eyes/brows/yaw by an independent motion signal), encodes them with the exact pixel-unshuffle autoencoder (factor 2:
-16x16x12 latents), and trains the tiny ACTalker model (widths 32/64, PCM in the cross-attention blocks,
-IP-adapters, condition encoders) with the paper's EDM objective, gate sampling and condition dropout, and an EMA
-(0.99) of the weights, on 2 CPU cores: 500 steps at ~1 s, 10 min 41 s for the whole command. Checkpoints in
-WORKDIR/checkpoints; re-running resumes.
+16x16x12 latents), and trains the tiny ACTalker model (widths 32/64, GroupNorm with 8 groups, PCM in the
+cross-attention blocks, IP-adapters, condition encoders) with the paper's EDM objective, gate sampling and condition
+dropout, and an EMA (0.99) of the weights, on 2 CPU cores: 500 steps at 0.78 s, 8 min 46 s for the whole command.
+Checkpoints in WORKDIR/checkpoints; re-running resumes.
 
 What it reaches (python -m actalker_jax.evaluate control --workdir runs/demo --num-clips 4 --steps 10): the audio
-drives the mouth (mouth-audio correlation 0.84 in the audio-only and both modes, leaks <= ~0.2), the motion does
-not yet drive the eyes or the yaw (correlations ~0.1; still ~0.1 after 2000 steps). The curve vs steps, the
-ablations and what would reach the motion targets: docs/benchmarks.md ("Control vs training steps").
+drives the mouth (mouth-audio correlation 0.80 / 0.86 in the audio-only / both modes, leaks <= ~0.15), the motion
+does not yet drive the eyes or the yaw (correlations <= 0.15; <= ~0.25 after 2000 steps). The curve vs steps, the
+ablations, why the motion lags and what would reach it: docs/benchmarks.md ("Control vs training steps", "Why the
+motion is not learned yet").
 
 Why 32x32 and factor 2: the UNet's first level is 32 channels wide, and it cannot carry 48 latent channels
 (64x64 at factor 4) through it: on one fixed batch at sigma = 1 the x0 error fell to 0.098 in 150 Adam steps
@@ -61,10 +62,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                   down_block_types=("CrossAttnDownBlockSpatioTemporal", "DownBlockSpatioTemporal"),
                   up_block_types=("UpBlockSpatioTemporal", "CrossAttnUpBlockSpatioTemporal"),
                   layers_per_block=1, cross_attention_dim=32, num_attention_heads=(2, 4),
-                  addition_time_embed_dim=8, projection_class_embeddings_input_dim=24, num_frames=8),
-        # scan_impl "reference" (lax.scan): on CPU at these sizes it is ~2x faster than the chunked "xla" scan in
-        # the forward pass and as fast in training (docs/benchmarks.md); GPU configs use "auto" (Pallas).
-        pcm=dict(enabled=True, scan_over="frame", residual="replace", scan_impl="reference"),
+                  addition_time_embed_dim=8, projection_class_embeddings_input_dim=24, num_frames=8,
+                  # 8 GroupNorm groups: 4 / 8 channels per group at widths 32 / 64 (SVD-xt: 10 per group at 320);
+                  # 32 groups would normalise each first-level channel alone (docs/benchmarks.md).
+                  norm_num_groups=8),
+        # scan_impl "sequential" (lax.scan with a hand-written adjoint): the fastest on CPU at these sizes, 0.64x
+        # the reference's forward + backward time, ~4x faster than the chunked "xla" scan (docs/benchmarks.md);
+        # GPU configs use "auto" (Pallas).
+        pcm=dict(enabled=True, scan_over="frame", residual="replace", scan_impl="sequential"),
         audio_seq_len=8, audio_blocks=1, audio_channels=16, audio_hidden_dim=64, audio_tokens=4,
         id_dim=16, id_hidden_dim=32, expression_dim=3, pose_guider_channels=(8, 16),
         inference_masks="regions",

@@ -25,8 +25,9 @@ def config(tmp_path_factory):
     return config
 
 
-def _stand_in(config, use_audio: bool):
-    """A 'model' whose x0 is the reference latent, plus (use_audio) the mean of its audio windows in the mouth."""
+def _stand_in(config, use_audio: bool, use_pose: bool = False):
+    """A 'model' whose x0 is the reference latent, plus (use_audio) the mean of its audio windows everywhere and
+    (use_pose) 1e-2 x the mean of its pose everywhere."""
 
     def model(sample, timestep, added_time_ids, conditions, gates, *, mask_audio, mask_motion):
         sigma = jnp.exp(4.0 * timestep)[:, None, None, None, None]
@@ -35,6 +36,8 @@ def _stand_in(config, use_audio: bool):
         x, target = sample[..., :half] / c.c_in, sample[..., half:]
         if use_audio:
             target = target + jnp.mean(conditions["audio"], axis=(2, 3, 4))[:, :, None, None, None]
+        if use_pose:
+            target = target + 1e-2 * jnp.mean(conditions["pose"], axis=2)[:, :, None, None, None]
         return (target - c.c_skip * x) / c.c_out
 
     return types.SimpleNamespace(config=config, step=7, media=Media(config), model=model)
@@ -50,6 +53,8 @@ def test_copying_the_reference_scores_like_the_reference(config, tmp_path):
         assert row["all"] == pytest.approx(row["copy_reference"], rel=1e-4)
         assert row["mouth"] == pytest.approx(row["mouth_other_audio"], rel=1e-6)   # conditions unused
         assert row["face"] == pytest.approx(row["face_other_motion"], rel=1e-6)
+        assert row["mouth_change_audio"] == row["face_change_expression"] == row["face_change_pose"] == 0.0
+        assert row["face_motion"] > 0
     assert "| 2 | " in denoise.markdown_table(result)
 
 
@@ -58,6 +63,14 @@ def test_a_model_that_uses_the_audio_is_told_apart(config, tmp_path):
                               out=str(tmp_path))["sigmas"]["1"]
     assert row["mouth_other_audio"] != pytest.approx(row["mouth"], rel=1e-3)
     assert row["face"] == pytest.approx(row["face_other_motion"], rel=1e-6)
+    assert row["mouth_change_audio"] > 1e-6 and row["face_change_expression"] == row["face_change_pose"] == 0.0
+
+
+def test_the_pose_and_expression_sensitivities_are_told_apart(config, tmp_path):
+    row = denoise.run_denoise(_stand_in(config, False, use_pose=True), sigmas=(1.0,), batch_size=3, split="train",
+                              out=str(tmp_path))["sigmas"]["1"]
+    assert row["face_change_pose"] > 1e-8
+    assert row["face_change_expression"] == row["mouth_change_audio"] == 0.0
 
 
 def test_bad_arguments_are_named(config, tmp_path):

@@ -9,9 +9,14 @@ the rest of the face (`mask_motion`); the same with every clip's audio replaced 
 rolled by one) and with its expression + pose replaced likewise; and the error of copying the reference latent.
 A model that reproduces the reference has `all` below `copy_reference`; one driven by the audio has `mouth`
 below `mouth_other_audio`; one driven by the motion has `face` below `face_other_motion`.
+Sensitivities (mean squared change of the predicted x0, not an error): `mouth_change_audio` when the audio is
+swapped, `face_change_expression` / `face_change_pose` when only the expression / only the pose is. A model that
+ignores a condition has 0 there; compare with `face_motion`, the mean squared deviation of the target face region
+from its window mean (what the motion has to explain; the same at every sigma).
 
 Writes `denoise.json` into `out`: {"checkpoint_step": s, "split": ..., "batch": B, "sigmas": {"1.0": {"all",
-"mouth", "face", "mouth_other_audio", "face_other_motion", "copy_reference"}, ...}}.
+"mouth", "face", "mouth_other_audio", "face_other_motion", "copy_reference", "mouth_change_audio",
+"face_change_expression", "face_change_pose", "face_motion"}, ...}}.
 """
 
 import json
@@ -26,7 +31,8 @@ from actalker_jax.data import pipeline
 from actalker_jax.data.demo_encoders import pixel_unshuffle
 from actalker_jax.models.actalker import face_box_image
 
-KEYS = ("all", "mouth", "face", "mouth_other_audio", "face_other_motion", "copy_reference")
+KEYS = ("all", "mouth", "face", "mouth_other_audio", "face_other_motion", "copy_reference", "mouth_change_audio",
+        "face_change_expression", "face_change_pose", "face_motion")
 
 
 def _latent_region(mask: jax.Array, factor: int) -> jax.Array:
@@ -67,8 +73,11 @@ def run_denoise(loaded, *, sigmas=(0.2, 1.0, 5.0), batch_size: int = 4, split: s
                               mask_audio=batch["mask_audio"], mask_motion=batch["mask_motion"])
         return diffusion.denoised(output, noisy, sigma)
 
+    def mean_square(difference, region):
+        return float(jnp.sum(region * difference ** 2) / jnp.sum(region * jnp.ones_like(difference)))
+
     def mse(prediction, region):
-        return float(jnp.sum(region * (prediction - x0) ** 2) / jnp.sum(region * jnp.ones_like(x0)))
+        return mean_square(prediction - x0, region)
 
     reference = jnp.broadcast_to(batch["ref_latent"][:, None] * edm.latent_scale, x0.shape)
     result = dict(checkpoint_step=int(loaded.step), split=split, batch=batch_size, sigmas={})
@@ -76,10 +85,15 @@ def run_denoise(loaded, *, sigmas=(0.2, 1.0, 5.0), batch_size: int = 4, split: s
         true = predict(sigma, batch["audio"], batch["motion"], batch["pose"])
         other_audio = predict(sigma, batch["audio"][other], batch["motion"], batch["pose"])
         other_motion = predict(sigma, batch["audio"], batch["motion"][other], batch["pose"][other])
+        other_expression = predict(sigma, batch["audio"], batch["motion"][other], batch["pose"])
+        other_pose = predict(sigma, batch["audio"], batch["motion"], batch["pose"][other])
         result["sigmas"][f"{float(sigma):g}"] = dict(
             all=mse(true, 1.0), mouth=mse(true, mouth), face=mse(true, face),
             mouth_other_audio=mse(other_audio, mouth), face_other_motion=mse(other_motion, face),
-            copy_reference=mse(reference, 1.0))
+            copy_reference=mse(reference, 1.0), mouth_change_audio=mean_square(other_audio - true, mouth),
+            face_change_expression=mean_square(other_expression - true, face),
+            face_change_pose=mean_square(other_pose - true, face),
+            face_motion=mean_square(x0 - x0.mean(axis=1, keepdims=True), face))
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "denoise.json"), "w") as f:
         json.dump(result, f, indent=1)
@@ -89,10 +103,11 @@ def run_denoise(loaded, *, sigmas=(0.2, 1.0, 5.0), batch_size: int = 4, split: s
 def markdown_table(result: dict) -> str:
     """denoise.json as a markdown table: one row per sigma."""
     lines = [f"Denoising probe: checkpoint step {result['checkpoint_step']}, {result['batch']} clips of split "
-             f"{result['split']!r}; x0 mean squared error.", "", "| sigma | " + " | ".join(KEYS) + " |",
+             f"{result['split']!r}; x0 mean squared error (change_* and face_motion: mean squared change of the "
+             f"prediction / deviation of the target, eval/denoise.py).", "", "| sigma | " + " | ".join(KEYS) + " |",
              "|---|" + "---|" * len(KEYS)]
     for sigma, row in result["sigmas"].items():
-        lines.append(f"| {sigma} | " + " | ".join(f"{row[k]:.4f}" for k in KEYS) + " |")
+        lines.append(f"| {sigma} | " + " | ".join(f"{row[k]:.5f}" for k in KEYS) + " |")
     return "\n".join(lines) + "\n"
 
 
