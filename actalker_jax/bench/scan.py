@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from actalker_jax.bench.timing import median_ms
-from actalker_jax.kernels.selective_scan import resolve_impl, selective_scan
+from actalker_jax.kernels.selective_scan import IMPLS, resolve_impl, selective_scan
 
 SHAPES = {  # (batch, L, D, N)
     "paper-video": (2, 72_000, 640, 16),  # whole-video scan, top UNet level
@@ -217,7 +217,7 @@ def sweep(shape, dtype, base, specs, warmup, iters):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--impl", default="auto", choices=["auto", "reference", "sequential", "xla", "pallas", "all"])
+    parser.add_argument("--impl", default="auto", choices=[*IMPLS, "all"])
     parser.add_argument("--shape", default="small", choices=list(SHAPES))
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     parser.add_argument("--warmup", type=int, default=2)
@@ -240,14 +240,12 @@ def main(argv=None):
         "xla": {"chunk_size": args.chunk_size, "block": args.block},
         "pallas": {"block_d": args.block_d, "chunk": args.chunk, "sub": args.sub, "num_warps": args.num_warps,
                    "block_d_bwd": args.block_d_bwd, "sub_bwd": args.sub_bwd},
-        "reference": {},
-        "sequential": {},
     }
     if args.sweep:
         return sweep(SHAPES[args.shape], jnp.dtype(args.dtype), knobs["pallas"], args.sweep, args.warmup, args.iters)
     on_gpu = resolve_impl("auto") == "pallas"
     if args.impl == "all":
-        impls = ["reference", "sequential", "xla"] + (["pallas"] if on_gpu else [])
+        impls = [impl for impl in IMPLS if impl not in ("auto", "pallas")] + (["pallas"] if on_gpu else [])
     else:
         impls = [resolve_impl(args.impl)]
     shape = SHAPES[args.shape]
@@ -266,16 +264,16 @@ def main(argv=None):
         ok = True
         for impl in impls:
             print(f"{impl} vs reference:")
-            ok &= check(impl, shape, {k: v for k, v in knobs[impl].items() if v is not None} or None)
+            ok &= check(impl, shape, {k: v for k, v in knobs.get(impl, {}).items() if v is not None} or None)
         print("PASS" if ok else "FAIL")
         return 0 if ok else 1
 
     results = {}
     for impl in impls:
-        options = {k: v for k, v in knobs[impl].items() if v is not None} or None
+        options = {k: v for k, v in knobs.get(impl, {}).items() if v is not None} or None
         r = results[impl] = bench(impl, shape, dtype, options, args.warmup, args.iters)
         print(
-            f"{impl:9s} fwd {r['fwd_ms']:9.3f} ms ({r['fwd_gbs']:7.1f} GB/s, "
+            f"{impl:10s} fwd {r['fwd_ms']:9.3f} ms ({r['fwd_gbs']:7.1f} GB/s, "
             f"{r['fwd_ms'] / r['floor_fwd_ms']:8.1f}x H100 floor {r['floor_fwd_ms']:.3f} ms)   "
             f"fwd+bwd {r['fb_ms']:9.3f} ms ({r['fb_gbs']:7.1f} GB/s, "
             f"{r['fb_ms'] / r['floor_fb_ms']:8.1f}x H100 floor {r['floor_fb_ms']:.3f} ms)"

@@ -35,6 +35,14 @@ def step_size_vjp(ddt, delta, delta_bias, valid, delta_softplus):
     return jnp.where(valid, ddt, 0.0)
 
 
+def next_state(h, dt_t, u_t, b_t, A):
+    """One token of the recurrence, exp(dt_t A) h + dt_t u_t B_t.
+
+    h: (batch, D, N); dt_t, u_t: (batch, D); b_t: (batch, N); A: (D, N).
+    """
+    return jnp.exp(dt_t[..., None] * A) * h + (dt_t * u_t)[..., None] * b_t[:, None, :]
+
+
 def silu_and_grad(z):
     """(silu(z), silu'(z)) in float32."""
     z = z.astype(jnp.float32)

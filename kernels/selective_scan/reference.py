@@ -22,7 +22,7 @@ def selective_scan_reference(u, delta, A, B, C, D, z, delta_bias, mask, *, delta
 
     def step(h, x):
         dt_t, u_t, b_t, c_t = x
-        h = jnp.exp(dt_t[..., None] * A) * h + (dt_t * u_t)[..., None] * b_t[:, None, :]
+        h = common.next_state(h, dt_t, u_t, b_t, A)
         return h, jnp.einsum("bdn,bn->bd", h, c_t)
 
     h0 = jnp.zeros((u.shape[0], u.shape[2], A.shape[1]), jnp.float32)

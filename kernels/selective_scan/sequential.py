@@ -8,7 +8,7 @@ opposite order that carries the adjoint state mu_t = dL/dh_t,
 
 and emits each token's gradients from mu_t, h_t and h_{t-1}. JAX's own derivative of the reference scan
 does the same work with more, smaller operations per token: at the CPU demo's PCM shape (16 sequences
-of 261 tokens, D = 64, N = 16) forward + backward takes ~0.7x its time (docs/benchmarks.md). It stores
+of 261 tokens, D = 64, N = 16) forward + backward takes 0.64x its time (docs/benchmarks.md). It stores
 every state, a (L, batch, D, N) float32 tensor, like the reference under `jax.grad`: use "xla" (chunked
 rematerialisation) or "pallas" for long sequences.
 """
@@ -31,13 +31,13 @@ def _forward(delta_softplus, reverse, u, delta, A, B, C, D, z, delta_bias, mask)
 
     def step(h, x):
         dt_t, u_t, b_t, c_t = x
-        h = jnp.exp(dt_t[..., None] * A) * h + (dt_t * u_t)[..., None] * b_t[:, None, :]
+        h = common.next_state(h, dt_t, u_t, b_t, A)
         return h, (jnp.einsum("bdn,bn->bd", h, c_t), h)
 
     h0 = jnp.zeros((u.shape[0], u.shape[2], A.shape[1]), jnp.float32)
     _, (y, states) = lax.scan(step, h0, tuple(map(_token_major, (dt, u, B, C))), reverse=reverse)
     y = jnp.where(mask[..., None], jnp.swapaxes(y, 0, 1) + D * u.astype(jnp.float32), 0.0)
-    residuals = (u, delta, A, B, C, D, z, delta_bias, mask, dt, states, y)
+    residuals = (u, delta, A, B, C, D, z, delta_bias, mask, dt, states, None if z is None else y)
     if z is not None:
         y = y * common.silu_and_grad(z)[0]
     return y.astype(u.dtype), residuals
