@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU measurement batch for a lent H100/H200 (device tool): correctness first, then timings.
-#   bash scripts/gpu_suite.sh scan|scantest|sweep|unet|pcm|train|train25 ...   (sections to run; default: scan unet pcm)
+#   bash scripts/gpu_suite.sh scan|scantest|sweep|unet|pcm|train|finetune|train25|trainhost|demo ...   (sections to run; default: scan unet pcm)
 # Logs go to $OUT (or ./gpu_out): summary.log (tails) and full.log. Each step has its own timeout so one failure does not stop the rest.
 # Numbers belong in docs/benchmarks.md with date, device, jax version and the command.
 set -u
@@ -25,6 +25,32 @@ step() {  # step NAME TIMEOUT_S COMMAND...
 }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/summary.log"
 python3 -c "import jax; print('jax', jax.__version__, jax.devices())" | tee -a "$OUT/summary.log"
+demo_runs() {  # the CPU demo on the GPU: a long run (checkpoints every 1000 steps) and the 500-step ablations, then
+  # `evaluate control` (8 held-out clips, 10 steps) on each; everything into $OUT/demo.tgz.
+  # DEMO_RECORDS: the demo's records (python -m actalker_jax.data.synthetic --out D --num-clips 64 --seed 0
+  # --frames 25 --size 32 --factor 2; the device machine has no PyAV to write the clips' mp4s).
+  local records=${DEMO_RECORDS:-gpu_carry/records} runs=/tmp/demo_runs res=/tmp/demo_out long_s=${DEMO_LONG_S:-330}
+  local common="--config.data.records=$records --config.model.pcm.scan_impl=auto --config.log.sample_every_steps=0"
+  mkdir -p $runs $res
+  ( export XLA_PYTHON_CLIENT_PREALLOCATE=false; unset XLA_PYTHON_CLIENT_MEM_FRACTION
+    timeout -s TERM "$long_s" python3 -m actalker_jax.train --config configs/demo.py --workdir $runs/long $common \
+      --config.total_steps=${DEMO_LONG_STEPS:-10000} --config.checkpoint.every_steps=1000 --config.checkpoint.keep=50 \
+      >$res/train-long.log 2>&1 &
+    for name in demo no_pcm no_mask_drop scan_video fixed_gates; do
+      cfg=configs/demo_ablations.py:$name; [ $name = demo ] && cfg=configs/demo.py
+      timeout "$long_s" python3 -m actalker_jax.train --config $cfg --workdir $runs/$name $common >$res/train-$name.log 2>&1 &
+    done
+    wait
+    for ckpt in $runs/long/checkpoints/* $runs/[dnsf]*/checkpoints/500; do
+      name=$(basename $(dirname $(dirname $ckpt)))-$(basename $ckpt)
+      timeout 240 python3 -m actalker_jax.evaluate control --workdir $ckpt --num-clips 8 --steps 10 --out $res/$name \
+        >$res/control-$name.log 2>&1 &
+    done
+    wait )
+  for f in $res/control-*.log; do echo "== $f"; tail -n 12 $f; done | tee -a "$OUT/summary.log"
+  tail -n 3 $res/train-*.log | tee -a "$OUT/summary.log"
+  tar czf "$OUT/demo.tgz" -C $res .
+}
 sections=${*:-scan unet pcm}
 for section in $sections; do
   case $section in
@@ -46,12 +72,23 @@ for section in $sections; do
       step sweep_bwd 150 python3 -m actalker_jax.bench.scan --shape paper-video --iters 5 --sweep block_d_bwd=8,16,32 num_warps=1,4
       step sweep_fwd 100 python3 -m actalker_jax.bench.scan --shape paper-video --iters 5 --sweep block_d=32,128 num_warps=1,4 ;;
     train)
-      step train_finetune_14 400 python3 -m actalker_jax.bench.train --config configs/actalker_finetune_1gpu.py --steps 4
-      step train_full_14 400 python3 -m actalker_jax.bench.train --config configs/actalker_svd_xt.py --frames 14 \
-        --config.data.batch_size=1 --config.mesh.devices=1 --steps 4 ;;
+      step train_full_14 ${TRAIN_LIMIT_S:-280} python3 -m actalker_jax.bench.train --config configs/actalker_svd_xt.py \
+        --frames 14 --config.data.batch_size=1 --config.mesh.devices=1 --steps 3 --warmup 1 ;;
+    finetune)
+      step train_finetune_14 ${TRAIN_LIMIT_S:-280} python3 -m actalker_jax.bench.train \
+        --config configs/actalker_finetune_1gpu.py --steps 3 --warmup 1 ;;
     train25)
-      step train_full_25 400 python3 -m actalker_jax.bench.train --config configs/actalker_svd_xt.py --frames 25 \
-        --config.data.batch_size=1 --config.mesh.devices=1 --steps 4 ;;
+      step train_full_25 ${TRAIN_LIMIT_S:-280} python3 -m actalker_jax.bench.train --config configs/actalker_svd_xt.py \
+        --frames 25 --config.data.batch_size=1 --config.mesh.devices=1 --steps 3 --warmup 1 ;;
+    demo)
+      demo_runs ;;
+    trainhost)  # --init host: no init program to compile (the jitted init of SVD-xt did not finish in 420 s); compile log
+      export JAX_LOG_COMPILES=1
+      [ "${DEMO_PALLAS_S:-100}" -gt 0 ] && step demo_pallas "${DEMO_PALLAS_S:-100}" python3 -m actalker_jax.bench.train --config configs/demo.py --init host \
+        --config.model.pcm.scan_impl=auto --steps 20 --warmup 3
+      step train_full_14 ${TRAIN_LIMIT_S:-420} python3 -m actalker_jax.bench.train --config configs/actalker_svd_xt.py \
+        --frames 14 --config.data.batch_size=1 --config.mesh.devices=1 --steps 3 --warmup 1 --init host
+      unset JAX_LOG_COMPILES ;;
     *) echo "unknown section $section" ;;
   esac
 done

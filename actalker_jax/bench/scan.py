@@ -27,6 +27,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 
 import jax
 import jax.numpy as jnp
@@ -183,16 +184,19 @@ def triton_report(shape, options):
         for name, module in modules:
             buf = io.BytesIO()
             module.operation.write_bytecode(buf)
+            t0 = time.perf_counter()
             ptx = triton.compile("CUDA", buf.getvalue(), "9.0", num_warps=num_warps, num_ctas=1, num_stages=3).asm
             path = os.path.join(tmp, name + ".ptx")
             with open(path, "w") as f:
                 f.write(ptx)
             log = subprocess.run([ptxas, "-arch=sm_90a", "-v", path, "-o", path + ".cubin"],
                                  capture_output=True, text=True, check=True).stderr
+            seconds = time.perf_counter() - t0
             regs = re.search(r"Used (\d+) registers", log).group(1)
             spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log).groups()
             print(f"{name:32s} {regs:>3s} registers, spill stores/loads {spills[0]}/{spills[1]} bytes, "
-                  f"{ptx.count('bar.sync')} bar.sync, {ptx.count('ex2.approx')} ex2 in the PTX")
+                  f"{ptx.count('bar.sync')} bar.sync, {ptx.count('ex2.approx')} ex2 in the PTX; "
+                  f"Triton + ptxas {seconds:.1f} s")
 
 
 def sweep(shape, dtype, base, specs, warmup, iters):

@@ -25,6 +25,33 @@ _FRAMES = flags.DEFINE_integer("frames", None, "frames per clip (default: config
 _IMAGE = flags.DEFINE_integer("image", None, "square image side in pixels (default: config.media.image_size)")
 _STEPS = flags.DEFINE_integer("steps", 5, "timed steps")
 _WARMUP = flags.DEFINE_integer("warmup", 2, "untimed steps after the compiling one")
+_INIT = flags.DEFINE_enum(
+    "init", "jit", ["jit", "host"],
+    "jit: train.py's sharded jitted init; host: random values drawn on the host and put on the devices leaf by leaf "
+    "(no init program to compile; single process; the step time does not depend on the values)")
+
+
+def host_random_state(trainer, seed: int = 0) -> dict:
+    """A train state of `trainer.abstract_state`'s structure, shapes and shardings without compiling an init program.
+
+    Floating leaves: N(0, 0.02^2) for parameters (and EMA), zeros for optimizer moments; integer leaves (step,
+    counts) zero; the PRNG key from `seed`. Each leaf is drawn on the host and `device_put` with its sharding.
+    """
+    if jax.process_count() > 1:
+        raise ValueError("--init host: single process only (each process would need its own shard)")
+    rng = np.random.default_rng(seed)
+
+    def leaf(path, spec, sharding):
+        if jax.dtypes.issubdtype(spec.dtype, jax.dtypes.prng_key):
+            return jax.device_put(jax.random.key(seed), sharding)  # train.py's state key: the default impl
+        top = getattr(path[0], "key", None)
+        if top in ("params", "ema") and jax.numpy.issubdtype(spec.dtype, jax.numpy.floating):
+            value = (0.02 * rng.standard_normal(spec.shape, np.float32)).astype(spec.dtype)
+        else:
+            value = np.zeros(spec.shape, spec.dtype)
+        return jax.device_put(value, sharding)
+
+    return jax.tree_util.tree_map_with_path(leaf, trainer.abstract_state, trainer.state_shardings)
 
 def synthetic_batch(config, batch: int, frames: int, image: int, seed: int = 0) -> dict[str, np.ndarray]:
     """A random global batch with the shapes of data/pipeline.py for `config` (latents (B, F, h, w, c), ...)."""
@@ -75,10 +102,10 @@ def main(argv):
 
     t0 = time.perf_counter()
     trainer = train.build_trainer(config, mesh)
-    state = trainer.init()
+    state = trainer.init() if _INIT.value == "jit" else host_random_state(trainer, config.seed)
     jax.block_until_ready(state)
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(trainer.abstract_state["params"]))
-    print(f"init: {n_params:,} parameters in {time.perf_counter() - t0:.1f} s")
+    print(f"init ({_INIT.value}): {n_params:,} parameters in {time.perf_counter() - t0:.1f} s")
     local = synthetic_batch(config, batch_size, frames, image)
     batch = train.global_batch(local, mesh)
 

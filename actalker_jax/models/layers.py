@@ -203,6 +203,15 @@ _FLASH_DTYPES = (jnp.bfloat16, jnp.float16)
 FORCE_XLA_ATTENTION = False  # set by flops.matmul_flops: count attention through its matmuls
 
 
+def _cudnn_shapes_ok(q: jax.Array, k: jax.Array) -> bool:
+    """Shapes cuDNN's flash attention takes in training too: even query / key lengths, head dim a multiple of 8
+    up to 128. Its backward checks the lengths only when the gradient is built (jax 0.11.2 on an H100 raised
+    "Unsupported sequence length Q 4096, KV 1" for SVD-xt's one-token cross-attention), after any try/except
+    around the forward call, so unsupported shapes must not reach it."""
+    length, keys, dim_head = q.shape[1], k.shape[1], q.shape[-1]
+    return length % 2 == 0 and keys % 2 == 0 and dim_head % 8 == 0 and dim_head <= 128
+
+
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float) -> jax.Array:
     """softmax(q k^T scale) v on (batch, L, heads, dim_head) inputs -> (batch, L, heads, dim_head).
 
@@ -212,7 +221,7 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: fl
     alone never picks cuDNN by itself (implementation=None means XLA).
     """
     flash = not FORCE_XLA_ATTENTION and jax.default_backend() == "gpu"
-    if flash and q.dtype in _FLASH_DTYPES and q.dtype == k.dtype == v.dtype:
+    if flash and q.dtype in _FLASH_DTYPES and q.dtype == k.dtype == v.dtype and _cudnn_shapes_ok(q, k):
         try:
             return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation="cudnn")
         except (ValueError, NotImplementedError, RuntimeError):  # shapes / cuDNN version it does not support
