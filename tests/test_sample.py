@@ -82,11 +82,8 @@ def clip():
 
 
 def motion_of(clip) -> np.ndarray:
-    """The clip's ground-truth motion as records store it: [eye, brow, blink ; yaw, 0, 0, 0, 0, 0]."""
-    truth = clip["truth"]
-    pose = np.zeros((len(truth["yaw"]), 6), np.float32)
-    pose[:, 0] = truth["yaw"]
-    return np.concatenate([np.stack([truth[k] for k in synthetic.EXPRESSION_KEYS], -1), pose], -1)
+    """The clip's ground-truth motion as records store it: [expression_code ; yaw, 0, 0, 0, 0, 0]."""
+    return np.concatenate(synthetic.motion_features(clip["truth"]), -1)
 
 
 def run(loaded, clip, frames, **kw):
@@ -165,7 +162,8 @@ def test_motion_features_files(clip, tmp_path):
     """--motion-features: .npy [expression ; pose] as generate takes it, or .npz with the records' keys."""
     motion = motion_of(clip)
     np.save(tmp_path / "m.npy", motion)
-    np.savez(tmp_path / "m.npz", motion=motion[:, :3], pose=motion[:, 3:])
+    expression_dim = synthetic.EXPRESSION_DIM
+    np.savez(tmp_path / "m.npz", motion=motion[:, :expression_dim], pose=motion[:, expression_dim:])
     np.testing.assert_array_equal(sample.read_motion_features(str(tmp_path / "m.npy")), motion)
     np.testing.assert_array_equal(sample.read_motion_features(str(tmp_path / "m.npz")), motion)
 

@@ -54,8 +54,8 @@ MOUTH_MARGIN = 0.1      # mask dilation in face half-widths
 # Geometry in face units: u in face half-widths (rx, + = image right), v in face half-heights (ry, + = down),
 # sizes as half-width (rx units) x half-height (ry units); d = depth on the head (rx units) for the yaw projection.
 GEOMETRY = dict(
-    eye_u=0.38, eye_v=-0.08, eye_depth=0.9, eye_w=0.18, eye_h=0.13, eye_h_closed=0.0, pupil_r=0.075,
-    brow_u=0.38, brow_v_low=-0.31, brow_v_range=0.14, brow_depth=0.85, brow_w=0.2, brow_h=0.04,
+    eye_u=0.38, eye_v=-0.08, eye_depth=0.9, eye_w=0.22, eye_h=0.2, eye_h_closed=0.0, pupil_r=0.09,
+    brow_u=0.38, brow_v_low=-0.36, brow_v_range=0.16, brow_depth=0.85, brow_w=0.2, brow_h=0.06,
     nose_v=0.21, nose_depth=1.15, nose_w=0.08, nose_h=0.1,
     mouth_v=0.53, mouth_depth=0.85, mouth_w=0.3, mouth_inner_w=0.24, lip_h=0.035, mouth_open_h=0.15,
     hair_v=-0.15, hair_w=1.12, hair_h=1.0, hair_shift=0.1, fringe_v=-0.95, fringe_w=0.95, fringe_h=0.35,
@@ -312,10 +312,10 @@ def random_appearance(rng: np.random.Generator) -> Appearance:
     hair = rng.uniform(0.02, 0.55) * rng.uniform(0.5, 1.0, 3)
     lips = np.clip(skin * np.array([0.85, 0.45, 0.45]) + rng.uniform(-0.05, 0.05, 3), 0, 1)
     background = rng.uniform(0.1, 0.95, 3)
-    rx = rng.uniform(0.2, 0.27)
-    ry = rx * rng.uniform(1.2, 1.35)
-    cx = rng.uniform(0.5 - 0.08, 0.5 + 0.08)
-    cy = rng.uniform(0.52 - 0.05, 0.52 + 0.05)
+    rx = rng.uniform(0.28, 0.34)
+    ry = rx * rng.uniform(1.15, 1.3)
+    cx = rng.uniform(0.5 - 0.06, 0.5 + 0.06)
+    cy = rng.uniform(0.51 - 0.03, 0.51 + 0.03)
     colours = [tuple(float(x) for x in c) for c in (background, skin, hair, lips)]
     return Appearance(*colours, float(cx), float(cy), float(rx), float(ry))
 
@@ -378,7 +378,7 @@ def smooth_signal(rng: np.random.Generator, num_frames: int, fps: float, sigma_s
 
 def random_motion(rng: np.random.Generator, num_frames: int, fps: float) -> dict[str, np.ndarray]:
     """Motion ground truth (T,) float32 each: eye (with blinks), brow, yaw (degrees), blink (closure in [0, 1])."""
-    eye_base = 0.75 + 0.2 * np.tanh(smooth_signal(rng, num_frames, fps))
+    eye_base = 0.6 + 0.35 * np.tanh(smooth_signal(rng, num_frames, fps))
     brow = 0.5 + 0.4 * np.tanh(smooth_signal(rng, num_frames, fps))
     yaw = MAX_YAW * np.tanh(0.8 * smooth_signal(rng, num_frames, fps, sigma_s=0.5))
     duration = num_frames / fps
