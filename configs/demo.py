@@ -6,14 +6,14 @@ Generates 64 synthetic 32x32 clips of 25 frames into WORKDIR/synthetic (mouth dr
 eyes/brows/yaw by an independent motion signal), encodes them with the exact pixel-unshuffle autoencoder (factor 2:
 16x16x12 latents), and trains the tiny ACTalker model (widths 32/64, GroupNorm with 8 groups, PCM in the
 cross-attention blocks, IP-adapters, condition encoders) with the paper's EDM objective, gate sampling and condition
-dropout, and an EMA (0.99) of the weights, on 2 CPU cores: 500 steps at 0.78 s, 8 min 46 s for the whole command.
+dropout, and an EMA (0.99) of the weights, on 2 CPU cores: 500 steps at 0.75 s, 8 min 35 s for the whole command.
 Checkpoints in WORKDIR/checkpoints; re-running resumes.
 
 What it reaches (python -m actalker_jax.evaluate control --workdir runs/demo --num-clips 4 --steps 10): the audio
-drives the mouth (mouth-audio correlation 0.80 / 0.86 in the audio-only / both modes, leaks <= ~0.15), the motion
-does not yet drive the eyes or the yaw (correlations <= 0.15; <= ~0.25 after 2000 steps). The curve vs steps, the
-ablations, why the motion lags and what would reach it: docs/benchmarks.md ("Control vs training steps", "Why the
-motion is not learned yet").
+drives the mouth (mouth-audio correlation 0.91 / 0.91 in the audio-only / both modes, leaks <= ~0.16), the motion
+does not yet drive the eyes or the yaw (correlations within +-0.2, i.e. none). The curve vs steps, the ablations,
+why the motion lags and what would reach it: docs/benchmarks.md ("Control vs training steps", "Why the motion is
+not learned yet", "Larger synthetic eyes").
 
 Why 32x32 and factor 2: the UNet's first level is 32 channels wide, and it cannot carry 48 latent channels
 (64x64 at factor 4) through it: on one fixed batch at sigma = 1 the x0 error fell to 0.098 in 150 Adam steps
