@@ -20,7 +20,7 @@ Every step is the code the records were made with, so a model sees at sampling w
 Synthetic faces: the region masks are the training ones of a clip whose mouth goes from closed to fully open
 at the reference's yaw (and at every driving yaw when motion is given), since `region_masks` unites them over
 the clip. A driving video's expression is [eye, brow, blink]; blink is not observable apart from the eye
-openness and is estimated as clip(1 - eye / 0.6, 0, 1) / 0.95 (0.6: the mean open-eye level).
+openness and is estimated as clip(1 - eye / synthetic.MEAN_OPEN_EYE, 0, 1) / synthetic.BLINK_DEPTH.
 Real photos (dlib): the reference is cropped to the square the preprocessor would cut around its face and
 resized to image_size; masks and identity come from that single frame.
 Overrides (`face_box`, `mouth_box`, (x0, y0, x1, y1) in pixels of the given image) replace detection: the
@@ -40,7 +40,6 @@ AUDIO_FEATURES = ("log_mel", "whisper")
 FACE_FINDERS = ("synthetic", "dlib")
 SAMPLE_RATE = 16000
 VAE_DECODE_CHUNK = 10
-MEAN_OPEN_EYE = 0.6
 VAE_FACTOR = 8
 REQUIRED_KEYS = ("autoencoder", "vae_path", "audio_features", "whisper_path", "face_finder", "image_size", "fps")
 
@@ -317,7 +316,7 @@ class Media:
 
             frames = np.stack([square_resize(f, self.size)[0] for f in frames])
             motion = fit_motion(frames, fit_face(frames[0]).params.appearance)
-            blink = np.clip(1.0 - motion["eye"] / MEAN_OPEN_EYE, 0.0, 1.0) / 0.95
+            blink = np.clip(1.0 - motion["eye"] / synthetic.MEAN_OPEN_EYE, 0.0, 1.0) / synthetic.BLINK_DEPTH
             expression = np.stack([motion["eye"], motion["brow"], np.minimum(blink, 1.0)], axis=-1)
             pose = np.zeros((len(frames), 6), np.float32)
             pose[:, 0] = motion["yaw"]

@@ -82,7 +82,7 @@ def clip():
 
 
 def motion_of(clip) -> np.ndarray:
-    """The clip's ground-truth motion as records store it: [expression_code ; yaw, 0, 0, 0, 0, 0]."""
+    """The clip's ground-truth motion as records store it: [eye, brow, blink ; yaw, 0, 0, 0, 0, 0]."""
     return np.concatenate(synthetic.motion_features(clip["truth"]), -1)
 
 

@@ -254,4 +254,3 @@ def test_latent_factor_of_the_records(tmp_path):
     expression, pose = synthetic.motion_features(clip["truth"])
     np.testing.assert_array_equal(record["motion"], expression.astype(np.float16))
     np.testing.assert_array_equal(record["pose"], pose.astype(np.float16))
-

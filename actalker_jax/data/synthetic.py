@@ -50,6 +50,8 @@ EXPRESSION_DIM = len(EXPRESSION_KEYS)
 ID_DIM = 16
 MAX_YAW = 25.0          # degrees
 MOUTH_MARGIN = 0.1      # mask dilation in face half-widths
+MEAN_OPEN_EYE = 0.6     # eye openness between blinks: MEAN_OPEN_EYE + 0.35 tanh(smooth signal)
+BLINK_DEPTH = 0.95      # a full blink keeps 1 - BLINK_DEPTH of the openness
 
 # Geometry in face units: u in face half-widths (rx, + = image right), v in face half-heights (ry, + = down),
 # sizes as half-width (rx units) x half-height (ry units); d = depth on the head (rx units) for the yaw projection.
@@ -378,14 +380,14 @@ def smooth_signal(rng: np.random.Generator, num_frames: int, fps: float, sigma_s
 
 def random_motion(rng: np.random.Generator, num_frames: int, fps: float) -> dict[str, np.ndarray]:
     """Motion ground truth (T,) float32 each: eye (with blinks), brow, yaw (degrees), blink (closure in [0, 1])."""
-    eye_base = 0.6 + 0.35 * np.tanh(smooth_signal(rng, num_frames, fps))
+    eye_base = MEAN_OPEN_EYE + 0.35 * np.tanh(smooth_signal(rng, num_frames, fps))
     brow = 0.5 + 0.4 * np.tanh(smooth_signal(rng, num_frames, fps))
     yaw = MAX_YAW * np.tanh(0.8 * smooth_signal(rng, num_frames, fps, sigma_s=0.5))
     duration = num_frames / fps
     times = np.cumsum(rng.exponential(1 / 0.35, size=int(duration * 2) + 4)) - rng.uniform(0, 2.0)
     centres = (np.arange(num_frames) + 0.5) / fps
     blink = np.max(np.clip(1 - np.abs(centres[:, None] - times[None, :]) / 0.12, 0, 1), axis=1)
-    eye = eye_base * (1 - 0.95 * blink)
+    eye = eye_base * (1 - BLINK_DEPTH * blink)
     return {k: v.astype(np.float32) for k, v in dict(eye=eye, brow=brow, yaw=yaw, blink=blink).items()}
 
 
