@@ -265,10 +265,11 @@ def build_trainer(config, mesh) -> Trainer:
         new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, keep)
         return new_state, dict(loss=loss, grad_norm=grad_norm, finite=finite)
 
+    sharded_init = jax.jit(init_state, out_shardings=state_shardings, donate_argnums=(0,))
+
     def jit_init():
         """The initial state: random init from config.seed, then the checkpoints of config.init, sharded."""
-        pretrained = _restore_pretrained(pretrained_specs)
-        return jax.jit(init_state, out_shardings=state_shardings, donate_argnums=(0,))(pretrained)
+        return sharded_init(_restore_pretrained(pretrained_specs))
     with sharding.axis_rules(mesh):
         jit_step = jax.jit(train_step, in_shardings=(state_shardings, batch_sharding(mesh)),
                            out_shardings=(state_shardings, replicated), donate_argnums=(0,))
@@ -279,6 +280,26 @@ def build_trainer(config, mesh) -> Trainer:
 
     return Trainer(graphdef=graphdef, model_state=model_state, abstract_state=abstract_state,
                    state_shardings=state_shardings, init=jit_init, step=step, mesh=mesh, config=config)
+
+
+# Trainers built in this process, newest last: a later train() call whose program is unchanged (a resume in the
+# same session, a rerun with other logging or checkpoint settings) reuses the compiled init and step.
+_TRAINERS: dict = {}
+_TRAINERS_KEPT = 2
+
+
+def cached_trainer(config, mesh) -> Trainer:
+    """build_trainer(config, mesh), reused while everything that enters its programs is the same: the config
+    without its `log` and `checkpoint` sections (which only the loop reads) and the mesh."""
+    program = {k: v for k, v in json.loads(config.to_json_best_effort()).items() if k not in ("log", "checkpoint")}
+    key = (json.dumps(program, sort_keys=True), tuple(mesh.axis_names), tuple(d.id for d in mesh.devices.flat),
+           tuple(mesh.devices.shape))
+    if key not in _TRAINERS:
+        _TRAINERS[key] = build_trainer(config, mesh)
+        while len(_TRAINERS) > _TRAINERS_KEPT:
+            _TRAINERS.pop(next(iter(_TRAINERS)))
+    _TRAINERS[key] = _TRAINERS.pop(key)  # most recently used last
+    return _TRAINERS[key]
 
 
 # ----------------------------------------------------------------------------- main
@@ -330,7 +351,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stop: dict) -> Train
     data_iter = iter(dataset)
 
     # ------------------------------------------------------------------ model + optimizer, created sharded
-    trainer = build_trainer(config, mesh)
+    trainer = cached_trainer(config, mesh)
     total_steps = int(config.total_steps)
 
     # ------------------------------------------------------------------ checkpoints

@@ -30,7 +30,3 @@ def small_geometry(config):
     """The demo config switched to SMALL_GEOMETRY (in place; returned for chaining)."""
     return set_keys(config, SMALL_GEOMETRY)
 
-
-def small_geometry_flags() -> list[str]:
-    """SMALL_GEOMETRY as `--config.key=value` command-line overrides."""
-    return [f"--config.{key}={value}" for key, value in SMALL_GEOMETRY.items()]

@@ -4,15 +4,12 @@ import json
 import math
 import os
 
-import pytest
-
 from actalker_jax import evaluate, train
-from demo_config import configs_demo
+from demo_config import configs_demo, small_geometry
 
 
-@pytest.mark.slow
 def test_generate_train_sample_evaluate(tmp_path):
-    config = configs_demo.get_config()
+    config = small_geometry(configs_demo.get_config())  # 8x8 latent tokens: a quarter of the demo's
     config.synthetic_clips = 2          # the trainer generates them into WORKDIR/synthetic and writes records
     config.synthetic_frames = 10
     config.data.n_frames = 4

@@ -1,19 +1,17 @@
 """Trainer: resume equals an uninterrupted run, sharded step equals single device, NaN stop, bad configs."""
 
 import os
-import re
 import signal
 import subprocess
 import sys
-import time
 
 import jax
 import numpy as np
 import pytest
 
-from actalker_jax import train
+from actalker_jax import sharding, train
 from actalker_jax.data import synthetic
-from demo_config import configs_demo, set_keys, small_geometry, small_geometry_flags
+from demo_config import configs_demo, set_keys, small_geometry
 
 
 @pytest.fixture(scope="module")
@@ -99,10 +97,29 @@ def test_tensorboard_scalars_and_sample_videos(straight_run):
         assert gif[:6] == b"GIF89a"
 
 
-def test_resume_equals_uninterrupted_run(records_dir, straight_run, tmp_path):
-    """Stop after one step, resume: params, optimizer state, RNG and the next batches are bitwise equal."""
-    train.train(tiny_config(records_dir, total_steps=1, **{"data.batch_size": 8}), str(tmp_path))
-    resumed = train.train(tiny_config(records_dir, **{"data.batch_size": 8}), str(tmp_path))
+def sigterm_during_first_step(monkeypatch):
+    """Sends this process a SIGTERM while the trainer builds its first global batch (a preemption mid-run)."""
+    global_batch, sent = train.global_batch, []
+
+    def signalling(local, mesh):
+        if not sent:
+            sent.append(signal.SIGTERM)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return global_batch(local, mesh)
+
+    monkeypatch.setattr(train, "global_batch", signalling)
+
+
+def test_sigterm_then_resume_equals_uninterrupted_run(records_dir, straight_run, tmp_path, monkeypatch):
+    """SIGTERM mid-run: the trainer finishes step 1, checkpoints it and returns. Re-running resumes, and the params,
+    optimizer state, RNG and the next batches are bitwise equal to the uninterrupted run's."""
+    config = tiny_config(records_dir, **{"data.batch_size": 8, "checkpoint.every_steps": 100})
+    with monkeypatch.context() as patch:
+        sigterm_during_first_step(patch)
+        stopped = train.train(config, str(tmp_path))
+    assert int(stopped.state["step"]) == 1
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["1"]
+    resumed = train.train(config, str(tmp_path))
     assert int(resumed.state["step"]) == 2
     for name in ("params", "opt_state", "key"):
         for x, y in zip(leaves(straight_run.state[name]), leaves(resumed.state[name]), strict=True):
@@ -112,14 +129,46 @@ def test_resume_equals_uninterrupted_run(records_dir, straight_run, tmp_path):
         np.testing.assert_array_equal(a[key], b[key])
 
 
+def test_non_finite_loss_stops_naming_the_step(records_dir, tmp_path, monkeypatch):
+    """A NaN in the second batch stops training with the step and the batch's clip indices."""
+    make_dataset = train.pipeline.make_dataset
+
+    class Poisoned:
+        def __init__(self, dataset):
+            self.dataset = dataset
+
+        def __iter__(self):
+            for i, batch in enumerate(self.dataset):
+                if i == 1:
+                    batch = dict(batch, latents=np.full_like(batch["latents"], np.nan))
+                yield batch
+
+    monkeypatch.setattr(train.pipeline, "make_dataset", lambda *a, **k: Poisoned(make_dataset(*a, **k)))
+    with pytest.raises(train.TrainError, match=r"non-finite loss or gradient at step 2 \(batch clip_index \["):
+        train.train(tiny_config(records_dir, **{"checkpoint.every_steps": 10, "data.batch_size": 8}), str(tmp_path))
+
+
+def run_steps(config, mesh, steps: int) -> dict:
+    """`steps` train steps of `config` on `mesh` through the trainer's sharded init and step, without the loop's
+    checkpoints: the state after them."""
+    trainer = train.build_trainer(config, mesh)
+    state = trainer.init()
+    batches = iter(train.pipeline.make_dataset(config, split="train", process_index=0, process_count=1))
+    for _ in range(steps):
+        local = next(batches)
+        local.pop("clip_index", None)
+        state, _ = trainer.step(state, train.global_batch(local, mesh))
+    return state
+
+
 @pytest.mark.parametrize("data,fsdp,tensor", [(2, 4, 1), (2, 2, 2)])
 def test_sharded_steps_equal_single_device(records_dir, straight_run, tmp_path, data, fsdp, tensor):
     """The same two steps on meshes of 8 CPU devices: (data=2, fsdp=4) and (data=2, fsdp=2, tensor=2)."""
     assert jax.device_count() >= 8
-    config = tiny_config(records_dir, **{"data.batch_size": 8, "mesh.devices": -1})
-    config.mesh.data, config.mesh.fsdp, config.mesh.tensor = data, fsdp, tensor
-    sharded = train.train(config, str(tmp_path))
-    for x, y in zip(leaves(straight_run.state["params"]), leaves(sharded.state["params"]), strict=True):
+    config = tiny_config(records_dir, **{"data.batch_size": 8})
+    sharded = run_steps(config, sharding.make_mesh(data, fsdp, tensor, devices=jax.devices()[:8]), steps=2)
+    assert {tuple(s.spec) for s in jax.tree.leaves(jax.tree.map(lambda x: x.sharding, sharded["params"]))} != {()}
+    for x, y in zip(leaves(straight_run.state["params"]), leaves(sharded["params"]), strict=True):
         np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
 
 
@@ -148,15 +197,18 @@ def test_bad_command_line_config_is_one_line(tmp_path, override, message):
     assert "Traceback" not in result.stderr
 
 
-def test_frozen_groups_accumulation_and_ema(records_dir, tmp_path):
+def test_frozen_groups_accumulation_and_ema(records_dir, tmp_path, monkeypatch):
     """trainable="mamba_blocks" + grad_accum 2 + EMA 0.5: frozen weights never move and hold no optimizer
     state; trainable ones move only on the second micro-step; EMA follows decay * ema + (1 - decay) * params."""
-    overrides = {"optim.trainable": "mamba_blocks", "optim.grad_accum": 2, "optim.ema_decay": 0.5,
-                 "data.batch_size": 2}
-    init = train.train(tiny_config(records_dir, total_steps=0, **overrides), str(tmp_path / "init")).state
-    one = train.train(tiny_config(records_dir, total_steps=1, **overrides), str(tmp_path / "run")).state
+    config = tiny_config(records_dir, **{"optim.trainable": "mamba_blocks", "optim.grad_accum": 2,
+                                         "optim.ema_decay": 0.5, "data.batch_size": 2})
+    init = train.cached_trainer(config, sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])).init()
+    with monkeypatch.context() as patch:  # step 1 of 2, then resume: one compiled step program for both
+        sigterm_during_first_step(patch)
+        one = train.train(config, str(tmp_path)).state
+    assert int(one["step"]) == 1
     params_one = {k: np.asarray(v) for k, v in one["params"].items()}
-    two = train.train(tiny_config(records_dir, total_steps=2, **overrides), str(tmp_path / "run")).state
+    two = train.train(config, str(tmp_path)).state
     trainable = [k for k in init["params"] if "mamba_blocks" in k]
     assert trainable and len(trainable) < len(init["params"])
     for key, value in init["params"].items():
@@ -193,46 +245,3 @@ def test_init_from_a_converted_unet(records_dir, tmp_path):
     for key in ip_keys:
         layer = key.split(".processor.")[0]
         np.testing.assert_array_equal(np.asarray(params[key]), np.asarray(saved[layer[len("unet."):] + ".to_k.kernel"]))
-
-
-def test_non_finite_loss_stops_naming_the_step(records_dir, tmp_path, monkeypatch):
-    """A NaN in the second batch stops training with the step and the batch's clip indices."""
-    make_dataset = train.pipeline.make_dataset
-
-    class Poisoned:
-        def __init__(self, dataset):
-            self.dataset = dataset
-
-        def __iter__(self):
-            for i, batch in enumerate(self.dataset):
-                if i == 1:
-                    batch = dict(batch, latents=np.full_like(batch["latents"], np.nan))
-                yield batch
-
-    monkeypatch.setattr(train.pipeline, "make_dataset", lambda *a, **k: Poisoned(make_dataset(*a, **k)))
-    with pytest.raises(train.TrainError, match=r"non-finite loss or gradient at step 2 \(batch clip_index \["):
-        train.train(tiny_config(records_dir, **{"checkpoint.every_steps": 10, "data.batch_size": 8}), str(tmp_path))
-
-
-def test_sigterm_saves_a_checkpoint_and_exits(records_dir, tmp_path):
-    """SIGTERM mid-run (here: during set-up): the trainer finishes the step, checkpoints it, exits with 0."""
-    workdir = tmp_path / "run"
-    config_path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "demo.py")
-    overrides = ["--config.synthetic_clips=0", f"--config.data.records={records_dir}", "--config.data.n_frames=4",
-                 "--config.data.eval_fraction=0.0", "--config.model.unet.num_frames=4", "--config.total_steps=1000",
-                 "--config.checkpoint.every_steps=1000", "--config.checkpoint.every_minutes=0.0",
-                 "--config.mesh.devices=1", *small_geometry_flags()]
-    process = subprocess.Popen([sys.executable, "-m", "actalker_jax.train", "--config", config_path, "--workdir",
-                                str(workdir), *overrides], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.time() + 120
-    while not os.path.isdir(workdir) and time.time() < deadline and process.poll() is None:
-        time.sleep(0.2)
-    time.sleep(2.0)
-    process.send_signal(signal.SIGTERM)
-    out, _ = process.communicate(timeout=600)
-    assert process.returncode == 0, out[-3000:]
-    match = re.search(r"done: step (\d+)", out)
-    assert match, out[-3000:]
-    stopped = int(match.group(1))
-    assert 0 < stopped < 1000
-    assert sorted(os.listdir(workdir / "checkpoints")) == [str(stopped)]
