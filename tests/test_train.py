@@ -245,3 +245,13 @@ def test_init_from_a_converted_unet(records_dir, tmp_path):
     for key in ip_keys:
         layer = key.split(".processor.")[0]
         np.testing.assert_array_equal(np.asarray(params[key]), np.asarray(saved[layer[len("unet."):] + ".to_k.kernel"]))
+
+
+def test_cached_trainer_reused_only_for_the_same_program(records_dir):
+    """Log and checkpoint settings reuse a built trainer; anything else (here the learning rate, the mesh) builds anew."""
+    mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+    first = train.cached_trainer(tiny_config(records_dir), mesh)
+    assert train.cached_trainer(tiny_config(records_dir, **{"log.every_steps": 3, "checkpoint.keep": 5}), mesh) is first
+    assert train.cached_trainer(tiny_config(records_dir, **{"optim.lr": 0.01}), mesh) is not first
+    other_mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[1:2])
+    assert train.cached_trainer(tiny_config(records_dir), other_mesh) is not first
