@@ -292,14 +292,12 @@ def cached_trainer(config, mesh) -> Trainer:
     """build_trainer(config, mesh), reused while everything that enters its programs is the same: the config
     without its `log` and `checkpoint` sections (which only the loop reads) and the mesh."""
     program = {k: v for k, v in json.loads(config.to_json_best_effort()).items() if k not in ("log", "checkpoint")}
-    key = (json.dumps(program, sort_keys=True), tuple(mesh.axis_names), tuple(d.id for d in mesh.devices.flat),
-           tuple(mesh.devices.shape))
-    if key not in _TRAINERS:
-        _TRAINERS[key] = build_trainer(config, mesh)
-        while len(_TRAINERS) > _TRAINERS_KEPT:
-            _TRAINERS.pop(next(iter(_TRAINERS)))
-    _TRAINERS[key] = _TRAINERS.pop(key)  # most recently used last
-    return _TRAINERS[key]
+    key = (json.dumps(program, sort_keys=True), mesh)
+    trainer = _TRAINERS.pop(key, None) or build_trainer(config, mesh)
+    _TRAINERS[key] = trainer  # most recently used last
+    while len(_TRAINERS) > _TRAINERS_KEPT:
+        _TRAINERS.pop(next(iter(_TRAINERS)))
+    return trainer
 
 
 # ----------------------------------------------------------------------------- main

@@ -162,7 +162,7 @@ def run_steps(config, mesh, steps: int) -> dict:
 
 
 @pytest.mark.parametrize("data,fsdp,tensor", [(2, 4, 1), (2, 2, 2)])
-def test_sharded_steps_equal_single_device(records_dir, straight_run, tmp_path, data, fsdp, tensor):
+def test_sharded_steps_equal_single_device(records_dir, straight_run, data, fsdp, tensor):
     """The same two steps on meshes of 8 CPU devices: (data=2, fsdp=4) and (data=2, fsdp=2, tensor=2)."""
     assert jax.device_count() >= 8
     config = tiny_config(records_dir, **{"data.batch_size": 8})
