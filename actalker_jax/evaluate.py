@@ -4,11 +4,14 @@
     python -m actalker_jax.evaluate video --pred DIR --ref DIR [--out DIR] [--inception PT] [--i3d PT]
                                           [--lpips PT] [--syncnet PT] [--no-dlib]
     python -m actalker_jax.evaluate denoise --workdir DIR [--sigmas 0.2,1,5] [--batch 4] [--split eval] [--out DIR]
+    python -m actalker_jax.evaluate reach --workdir DIR [--init] [--sigma 1] [--batch 2] [--split eval] [--out DIR]
 
 control: the control benchmark on held-out synthetic clips (`eval/control.py`): control.json, control.png and
 control.md in --out (default: the workdir). video: metrics of generated videos against references for real data
 (`eval/video.py`): video.json and video.md in --out (default: --pred). denoise: the cheap denoising probe of a
 checkpoint (`eval/denoise.py`: x0 error with true / swapped conditions vs copying the reference): denoise.json.
+reach: how strongly the audio / motion condition reaches each token through every PCM layer (`eval/reach.py`),
+of the checkpoint or (--init) of the fresh initialisation of its config: reach.json and reach.png.
 """
 
 import argparse
@@ -47,6 +50,19 @@ def _denoise(args) -> dict:
     return result
 
 
+def _reach(args) -> dict:
+    from actalker_jax import sample
+    from actalker_jax.eval import reach
+
+    loaded = sample.load_model(args.workdir, args.weights)
+    if args.init:
+        loaded = sample.LoadedModel.from_params(loaded.config, reach.initial_params(loaded.config), 0, loaded.path)
+    result = reach.run_reach(loaded, sigma=args.sigma, batch_size=args.batch, split=args.split, seed=args.seed,
+                             out=args.out or args.workdir)
+    print(reach.markdown_table(result), end="")
+    return result
+
+
 def _weights_argument(sub: argparse.ArgumentParser) -> None:
     """--weights: which stored weights a checkpoint is evaluated with (sample.WEIGHTS)."""
     sub.add_argument("--weights", choices=("auto", "ema", "params"), default="auto",
@@ -82,8 +98,18 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--split", default="eval", choices=("eval", "train"), help="records split")
     d.add_argument("--seed", type=int, default=0, help="noise seed")
     d.add_argument("--out", default=None, help="output directory (default: the workdir)")
+    r = sub.add_parser("reach", help="reach of the audio / motion conditions through the PCM layers")
+    r.add_argument("--workdir", required=True, help="training workdir or checkpoint step directory")
+    r.add_argument("--init", action="store_true", help="the fresh initialisation of the checkpoint's config")
+    r.add_argument("--sigma", type=float, default=1.0, help="noise level of the probe batch")
+    r.add_argument("--batch", type=int, default=2, help="clips in the probe batch")
+    r.add_argument("--split", default="eval", choices=("eval", "train"), help="records split")
+    r.add_argument("--seed", type=int, default=0, help="noise seed")
+    r.add_argument("--out", default=None, help="output directory (default: the workdir)")
     _weights_argument(d)
     d.set_defaults(run=_denoise)
+    _weights_argument(r)
+    r.set_defaults(run=_reach)
     return p
 
 

@@ -30,3 +30,16 @@ def small_geometry(config):
     """The demo config switched to SMALL_GEOMETRY (in place; returned for chaining)."""
     return set_keys(config, SMALL_GEOMETRY)
 
+
+
+def probe_config(out, num_clips: int):
+    """The demo config at the small geometry on `num_clips` fresh synthetic 6-frame clips written to `out`, 4-frame
+    windows, every clip in the train split (for the probes of eval/)."""
+    from actalker_jax.data import synthetic
+
+    synthetic.main(["--out", str(out), "--num-clips", str(num_clips), "--frames", "6", "--size", "32"])
+    config = small_geometry(configs_demo.get_config())
+    config.data.records = str(out / "records")
+    config.data.n_frames = 4
+    config.data.eval_fraction = 0.0
+    return config

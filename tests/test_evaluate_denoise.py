@@ -8,21 +8,14 @@ import numpy as np
 import pytest
 
 from actalker_jax import diffusion, evaluate
-from actalker_jax.data import synthetic
 from actalker_jax.eval import denoise
 from actalker_jax.media import Media
-from demo_config import configs_demo, small_geometry
+from demo_config import probe_config
 
 
 @pytest.fixture(scope="module")
 def config(tmp_path_factory):
-    out = tmp_path_factory.mktemp("records")
-    synthetic.main(["--out", str(out), "--num-clips", "3", "--frames", "6", "--size", "32"])
-    config = small_geometry(configs_demo.get_config())
-    config.data.records = str(out / "records")
-    config.data.n_frames = 4
-    config.data.eval_fraction = 0.0
-    return config
+    return probe_config(tmp_path_factory.mktemp("records"), num_clips=3)
 
 
 def _stand_in(config, use_audio: bool, use_pose: bool = False):

@@ -40,13 +40,8 @@ def _latent_region(mask: jax.Array, factor: int) -> jax.Array:
     return pixel_unshuffle(mask[..., None], factor).max(-1)[:, None, :, :, None]
 
 
-def run_denoise(loaded, *, sigmas=(0.2, 1.0, 5.0), batch_size: int = 4, split: str = "eval", seed: int = 0,
-                out: str) -> dict:
-    """Measures (module doc), writes denoise.json into `out`, returns it."""
-    if not sigmas or any(not s > 0 for s in sigmas):
-        raise ValueError(f"--sigmas must be positive, got {list(sigmas)}")
-    if batch_size < 2:
-        raise ValueError(f"--batch must be >= 2 (conditions are swapped between clips), got {batch_size}")
+def probe_batch(loaded, batch_size: int, split: str):
+    """The first batch of `batch_size` records of the run's data split -> (config, batch of jax arrays, EDMConfig)."""
     config = loaded.config.copy_and_resolve_references()
     config.data.batch_size = batch_size
     edm = diffusion.EDMConfig(**config.diffusion.to_dict())
@@ -54,7 +49,17 @@ def run_denoise(loaded, *, sigmas=(0.2, 1.0, 5.0), batch_size: int = 4, split: s
         local = next(iter(pipeline.make_dataset(config, split=split, process_index=0, process_count=1)))
     except StopIteration:
         raise ValueError(f"split {split!r} of {config.data.records} has fewer than --batch {batch_size} clips") from None
-    batch = {k: jnp.asarray(v) for k, v in local.items() if k != "clip_index"}
+    return config, {k: jnp.asarray(v) for k, v in local.items() if k != "clip_index"}, edm
+
+
+def run_denoise(loaded, *, sigmas=(0.2, 1.0, 5.0), batch_size: int = 4, split: str = "eval", seed: int = 0,
+                out: str) -> dict:
+    """Measures (module doc), writes denoise.json into `out`, returns it."""
+    if not sigmas or any(not s > 0 for s in sigmas):
+        raise ValueError(f"--sigmas must be positive, got {list(sigmas)}")
+    if batch_size < 2:
+        raise ValueError(f"--batch must be >= 2 (conditions are swapped between clips), got {batch_size}")
+    config, batch, edm = probe_batch(loaded, batch_size, split)
     x0 = batch["latents"] * edm.latent_scale
     other = jnp.roll(jnp.arange(batch_size), 1)
     mouth = _latent_region(batch["mask_audio"], loaded.media.factor)
