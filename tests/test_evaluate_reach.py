@@ -38,8 +38,8 @@ def test_token_reach_is_the_frobenius_norm_of_the_jacobian():
         np.testing.assert_allclose(got, np.sqrt((own ** 2).sum((-1, -2))), rtol=1e-5, atol=1e-8)
         assert got.shape == (batch, frames, 16)
     audio = reach.token_reach(layer, x, call, "audio_tokens")
-    keep = np.asarray(mouth[:, 2::4, 2::4] > 0).reshape(batch, 1, 16)
-    assert np.all(audio[np.broadcast_to(~keep, audio.shape)] == 0) and np.all(audio[np.broadcast_to(keep, audio.shape)] > 0)
+    keep = np.broadcast_to(np.asarray(mouth[:, 2::4, 2::4] > 0).reshape(batch, 1, 16), audio.shape)
+    assert np.all(audio[~keep] == 0) and np.all(audio[keep] > 0)
     assert np.all(reach.token_reach(layer, x, call, "motion_tokens") > 0)
 
 

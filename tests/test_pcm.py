@@ -47,10 +47,11 @@ def numpy_unit(unit, seq):
     return out
 
 
-def numpy_pcm(layer, x, id_token, audio, motion, keep_audio, keep_motion):
+def numpy_pcm(layer, x, id_token, audio, motion, keep_audio, keep_motion, placement="end"):
     """The official SS2D_cond_v10 for one frame, float64, with explicit NumPy gathers and scatters.
 
-    x (L, C), id_token (1, Dc), audio (Na, Dc), motion (Nm, Dc), keep_* (L,) bool.
+    x (L, C), id_token (1, Dc), audio (Na, Dc), motion (Nm, Dc), keep_* (L,) bool. placement "both_ends": the
+    sequence [reversed(c); e; region; e; c] instead of the official [region; e; c].
     """
     w = lambda dense: np.asarray(dense.kernel[...], np.float64)  # noqa: E731  (in, out)
     e = silu(id_token @ w(layer.id_proj))
@@ -60,10 +61,11 @@ def numpy_pcm(layer, x, id_token, audio, motion, keep_audio, keep_motion):
             (layer.in_proj2, layer.exp_proj, motion, keep_motion, layer.exp_unit)):
         u = x @ w(in_proj)
         idx = np.nonzero(keep)[0]
-        seq = np.concatenate([u[idx], e, silu(cond @ w(cond_proj))], axis=0)
-        y = numpy_unit(unit, seq)
+        tail = np.concatenate([e, silu(cond @ w(cond_proj))], axis=0)
+        head = tail[::-1] if placement == "both_ends" else tail[:0]
+        y = numpy_unit(unit, np.concatenate([head, u[idx], tail], axis=0))
         u = u.copy()
-        u[idx] = y[:len(idx)]
+        u[idx] = y[len(head):len(head) + len(idx)]
         branches.append(u)
     s = branches[0] + branches[1]
     s = (s - s.mean(-1, keepdims=True)) / np.sqrt(s.var(-1, keepdims=True) + 1e-5)
@@ -129,8 +131,12 @@ def test_inits_follow_the_official_code(layer):
     assert np.abs(np.asarray(unit.dt_projs_weight[...])).max() <= unit.dt_rank ** -0.5
 
 
-def test_matches_official_gather_scan_scatter_per_sample(layer):
-    """Batch 2 with different region masks == the official per-sample nonzero() gather, float64 oracle."""
+@pytest.mark.parametrize("placement", ["end", "both_ends"])
+def test_matches_official_gather_scan_scatter_per_sample(layer, placement):
+    """Batch 2 with different region masks == the official per-sample nonzero() gather, float64 oracle (and the
+    both-ends placement of the conditions == the same oracle on that sequence)."""
+    if placement != "end":
+        layer = PCMLayer(C, DC, rngs=nnx.Rngs(3), scan_impl="xla", condition_placement=placement)
     inp = make_inputs(2, seed=0)
     mask_audio = box_mask([(16, 30, 10, 38), (0, 32, 0, 48)])
     mask_motion = box_mask([(2, 20, 4, 44), (9, 23, 13, 29)])
@@ -142,7 +148,7 @@ def test_matches_official_gather_scan_scatter_per_sample(layer):
         b, f = divmod(i, FRAMES)
         want = numpy_pcm(layer, inp["x"][i].astype(np.float64), inp["id_token"][i].astype(np.float64),
                          inp["audio"][b, f].astype(np.float64), inp["motion"][b, f].astype(np.float64),
-                         keep_a[b], keep_m[b])
+                         keep_a[b], keep_m[b], placement)
         np.testing.assert_allclose(got[i], want, rtol=2e-4, atol=2e-4)
 
 
@@ -202,3 +208,5 @@ def test_bad_options_are_named():
         PCMLayer(C, DC, rngs=nnx.Rngs(0), scan_over="clip")
     with pytest.raises(ValueError, match="residual"):
         PCMLayer(C, DC, rngs=nnx.Rngs(0), residual="add")
+    with pytest.raises(ValueError, match="condition_placement"):
+        PCMLayer(C, DC, rngs=nnx.Rngs(0), condition_placement="start")

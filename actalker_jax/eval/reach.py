@@ -93,7 +93,7 @@ def token_reach(layer: PCMLayer, x: jax.Array, call: dict, token_key: str) -> np
 
 
 def initial_params(config) -> dict:
-    """The parameters ({"dotted.key": array}) of a run config's fresh initialisation (the trainer's, from config.seed)."""
+    """{"dotted.key": array} of a run config's fresh initialisation (the trainer's, from config.seed)."""
     from actalker_jax import train
     from actalker_jax.run_model import flatten
 

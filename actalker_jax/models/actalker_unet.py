@@ -23,7 +23,7 @@ from flax import nnx
 
 from actalker_jax.models.ip_adapter import IPAdapterProcessor
 from actalker_jax.models.layers import Dtype
-from actalker_jax.models.pcm import RESIDUALS, SCAN_OVER, PCMLayer
+from actalker_jax.models.pcm import CONDITION_PLACEMENTS, RESIDUALS, SCAN_OVER, PCMLayer
 from actalker_jax.models.transformer import TransformerHooks, TransformerSite
 from actalker_jax.models.unet import UNetConfig, UNetSpatioTemporalConditionModel
 
@@ -42,6 +42,7 @@ class PCMConfig:
     expand: int = 2
     scan_over: str = "frame"
     residual: str = "replace"
+    condition_placement: str = "end"
     scan_impl: str = "auto"
     ip_scales: tuple[float, float] = (1.25, 1.25)
 
@@ -51,6 +52,9 @@ class PCMConfig:
             raise ValueError(f"PCMConfig.scan_over must be one of {SCAN_OVER}, got {self.scan_over!r}")
         if self.residual not in RESIDUALS:
             raise ValueError(f"PCMConfig.residual must be one of {RESIDUALS}, got {self.residual!r}")
+        if self.condition_placement not in CONDITION_PLACEMENTS:
+            raise ValueError(f"PCMConfig.condition_placement must be one of {CONDITION_PLACEMENTS}, "
+                             f"got {self.condition_placement!r}")
         if len(self.ip_scales) != 2:
             raise ValueError(f"PCMConfig.ip_scales needs (audio, motion) scales, got {self.ip_scales}")
 
@@ -62,7 +66,8 @@ def actalker_hooks(pcm: PCMConfig) -> TransformerHooks:
         if site.block == "mid" or not pcm.enabled:
             return None
         return PCMLayer(site.channels, site.cross_attention_dim, rngs=rngs, d_state=pcm.d_state, expand=pcm.expand,
-                        scan_over=pcm.scan_over, residual=pcm.residual, scan_impl=pcm.scan_impl, dtype=site.dtype,
+                        scan_over=pcm.scan_over, residual=pcm.residual,
+                        condition_placement=pcm.condition_placement, scan_impl=pcm.scan_impl, dtype=site.dtype,
                         param_dtype=site.param_dtype)
 
     def processor(site: TransformerSite, rngs: nnx.Rngs):

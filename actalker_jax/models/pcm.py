@@ -23,6 +23,11 @@ Options (defaults = the released code):
     frame f's conditions into frame f+1 onwards and the reverse direction into frame f and earlier.
   residual "replace": the output replaces the hidden states (released). "zero_init_residual": x + out
     with out_proj initialised to zero, so a pretrained UNet is unchanged at step 0.
+  condition_placement "end": seq_b = [region tokens; e; c_b] (released): only the reverse scan carries e and c_b
+    into the image tokens, reaching the region's last tokens (bottom right) first and its first tokens (top left)
+    through every region token in between. "both_ends" (ours, a research variant, no new parameters):
+    seq_b = [reversed(c_b); e; region tokens; e; c_b], so the forward scan also carries the conditions, from the
+    region's first token on (`python -m actalker_jax.evaluate reach` measures the difference).
 
 Parameter names and layouts are the official checkpoint's (spec §10): raw tensors `x_proj_weight`
 (K, R+2N, D), `dt_projs_weight` (K, D, R), `dt_projs_bias` (K, D), `A_logs` (K*D, N), `Ds` (K*D,).
@@ -41,6 +46,7 @@ from actalker_jax.models.masks import select_tokens
 
 SCAN_OVER = ("frame", "video")
 RESIDUALS = ("replace", "zero_init_residual")
+CONDITION_PLACEMENTS = ("end", "both_ends")
 DIRECTIONS = 2
 
 
@@ -101,15 +107,19 @@ class PCMLayer(nnx.Module):
     """
 
     def __init__(self, channels: int, cond_dim: int, *, rngs: nnx.Rngs, d_state: int = 16, expand: int = 2,
-                 scan_over: str = "frame", residual: str = "replace", scan_impl: str = "auto",
-                 dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32):
+                 scan_over: str = "frame", residual: str = "replace", condition_placement: str = "end",
+                 scan_impl: str = "auto", dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32):
         if scan_over not in SCAN_OVER:
             raise ValueError(f"scan_over must be one of {SCAN_OVER}, got {scan_over!r}")
         if residual not in RESIDUALS:
             raise ValueError(f"pcm residual must be one of {RESIDUALS}, got {residual!r}")
+        if condition_placement not in CONDITION_PLACEMENTS:
+            raise ValueError(f"pcm condition_placement must be one of {CONDITION_PLACEMENTS}, "
+                             f"got {condition_placement!r}")
         d = expand * channels
         kw = dict(rngs=rngs, use_bias=False, dtype=dtype, param_dtype=param_dtype)
         self.scan_over, self.residual, self.dtype = scan_over, residual, dtype
+        self.condition_placement = condition_placement
         self.in_proj1 = Dense(channels, d, axes=("embed", "mlp"), **kw)
         self.in_proj2 = Dense(channels, d, axes=("embed", "mlp"), **kw)
         self.id_proj = Dense(cond_dim, d, axes=("embed", "mlp"), **kw)
@@ -127,15 +137,19 @@ class PCMLayer(nnx.Module):
     def _branch(self, u, id_token, cond, keep, unit, num_frames):
         """u (BF, L, D), id_token (BF, 1, D), cond (BF, n, D), keep (BF, L) -> u with the region rescanned."""
         bf, length, d = u.shape
-        seq = jnp.concatenate([u, id_token.astype(u.dtype), cond.astype(u.dtype)], axis=1)
-        mask = jnp.concatenate([keep, jnp.ones((bf, seq.shape[1] - length), jnp.bool_)], axis=1)
+        tail = jnp.concatenate([id_token.astype(u.dtype), cond.astype(u.dtype)], axis=1)  # [e; c]
+        head = tail[:, ::-1] if self.condition_placement == "both_ends" else tail[:, :0]  # [reversed(c); e] or none
+        seq = jnp.concatenate([head, u, tail], axis=1)
+        mask = jnp.concatenate([jnp.ones(head.shape[:2], jnp.bool_), keep, jnp.ones(tail.shape[:2], jnp.bool_)],
+                               axis=1)
+        start = head.shape[1]
         if self.scan_over == "video":
             steps = seq.shape[1]
             y = unit(seq.reshape(bf // num_frames, num_frames * steps, d),
                      mask.reshape(bf // num_frames, num_frames * steps)).reshape(bf, steps, d)
         else:
             y = unit(seq, mask)
-        return jnp.where(keep[..., None], y[:, :length].astype(u.dtype), u)
+        return jnp.where(keep[..., None], y[:, start:start + length].astype(u.dtype), u)
 
     def __call__(self, x: jax.Array, *, encoder_hidden_states: jax.Array, conditions: dict, num_frames: int,
                  grid: tuple[int, int]) -> jax.Array:
