@@ -69,7 +69,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         # scan_impl "sequential" (lax.scan with a hand-written adjoint): the fastest on CPU at these sizes, 0.64x
         # the reference's forward + backward time, ~4x faster than the chunked "xla" scan (docs/benchmarks.md);
         # GPU configs use "auto" (Pallas).
-        pcm=dict(enabled=True, scan_over="frame", residual="replace", scan_impl="sequential"),
+        # condition_placement "both_ends": the research variant (models/pcm.py); "end" is the released layout.
+        pcm=dict(enabled=True, scan_over="frame", residual="replace", condition_placement="end",
+                 scan_impl="sequential"),
         audio_seq_len=8, audio_blocks=1, audio_channels=16, audio_hidden_dim=64, audio_tokens=4,
         id_dim=16, id_hidden_dim=32, expression_dim=3, pose_guider_channels=(8, 16),
         inference_masks="regions",

@@ -9,6 +9,7 @@
 | no_mask_drop  | both PCM branches scan every token (all-ones masks) instead of their own region     |
 | scan_video    | each PCM scan runs over the whole clip (F x h x w tokens) instead of per frame      |
 | fixed_gates   | both signals every step (gate_probs (1, 0, 0)) instead of sampled per sample        |
+| both_ends     | research variant, not an ablation: PCM condition tokens at both ends of each scan   |
 
 What they reach at 500 steps: the ablation table in docs/benchmarks.md ("Control vs training steps"), with its
 commands.
@@ -22,6 +23,7 @@ ABLATIONS = {
     "no_mask_drop": {"train.mask_drop": False},
     "scan_video": {"model.pcm.scan_over": "video"},
     "fixed_gates": {"train.gate_probs": (1.0, 0.0, 0.0)},
+    "both_ends": {"model.pcm.condition_placement": "both_ends"},
 }
 
 
