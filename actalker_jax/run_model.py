@@ -1,6 +1,7 @@
 """A run config's model and the flat parameter view, shared by training, sampling and evaluation.
 
     mcfg = model_config(config)                 # config.model -> ACTalkerConfig (TrainError names a bad key)
+    model = make_model_fn(config)()             # the trainer's fresh model (seed, compute dtype, remat of config)
     flat = flatten(nnx.split(model)[1])         # {"dotted.path": array}: checkpoints and the optimizer use it
     state = unflatten(template_state, flat)
 
@@ -9,9 +10,11 @@ it from code that runs under `python -m actalker_jax.train` would define them tw
 """
 
 import jax
+import jax.numpy as jnp
+import ml_collections
 from flax import nnx
 
-from actalker_jax.models.actalker import ACTalkerConfig
+from actalker_jax.models.actalker import ACTalkerConfig, ACTalkerModel
 from actalker_jax.models.actalker_unet import PCMConfig
 from actalker_jax.models.unet import UNetConfig
 
@@ -40,3 +43,20 @@ def unflatten(template: nnx.State, flat: dict) -> nnx.State:
     """The inverse of `flatten` onto a template state of the same paths."""
     return nnx.from_flat_state([(path, var.replace(flat[".".join(str(p) for p in path)]))
                                 for path, var in nnx.to_flat_state(template)])
+
+
+def make_model_fn(config):
+    """() -> ACTalkerModel of `config` (random init from config.seed, compute dtype and remat from config)."""
+    mcfg = model_config(config)
+    dtype = jnp.dtype(config.compute_dtype)
+    remat = config.get("remat")
+    remat = remat.to_dict() if isinstance(remat, ml_collections.ConfigDict) else remat
+
+    def make_model():
+        try:
+            return ACTalkerModel(mcfg, rngs=nnx.Rngs(jax.random.key(config.seed, impl="unsafe_rbg")), dtype=dtype,
+                                 param_dtype=jnp.float32, remat=remat)
+        except ValueError as err:
+            raise TrainError(f"config: {err}") from None
+
+    return make_model

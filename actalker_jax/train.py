@@ -26,7 +26,7 @@ from ml_collections import config_flags
 from actalker_jax import diffusion, flops, optim, sharding
 from actalker_jax.data import pipeline
 from actalker_jax.media import Media
-from actalker_jax.run_model import TrainError, flatten, model_config, unflatten  # noqa: F401  (train.* API)
+from actalker_jax.run_model import TrainError, flatten, make_model_fn, model_config, unflatten  # noqa: F401
 from actalker_jax.models.actalker import ACTalkerModel, face_box_image
 
 CONFIG_FLAG = config_flags.DEFINE_config_file("config", None, "Training config file (configs/*.py[:arg]).",
@@ -124,23 +124,6 @@ class Trainer:
             return loss_fn(model, batch, jax.random.key(0), self.config, edm)
 
         return 3 * flops.matmul_flops(forward, params, spec)
-
-
-def make_model_fn(config):
-    """() -> ACTalkerModel of `config` (random init from config.seed, compute dtype and remat from config)."""
-    mcfg = model_config(config)
-    dtype = jnp.dtype(config.compute_dtype)
-    remat = config.get("remat")
-    remat = remat.to_dict() if isinstance(remat, ml_collections.ConfigDict) else remat
-
-    def make_model():
-        try:
-            return ACTalkerModel(mcfg, rngs=nnx.Rngs(jax.random.key(config.seed, impl="unsafe_rbg")), dtype=dtype,
-                                 param_dtype=jnp.float32, remat=remat)
-        except ValueError as err:
-            raise TrainError(f"config: {err}") from None
-
-    return make_model
 
 
 PRETRAINED = {"unet": "unet.", "actalker": ""}  # config.init field -> prefix of its keys in the model

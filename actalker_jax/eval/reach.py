@@ -41,6 +41,7 @@ from actalker_jax.eval.denoise import probe_batch
 from actalker_jax.models.actalker import face_box_image
 from actalker_jax.models.masks import select_tokens
 from actalker_jax.models.pcm import PCMLayer
+from actalker_jax.run_model import flatten, make_model_fn
 
 BRANCHES = (("audio", "audio_tokens", "mask_audio"), ("motion", "motion_tokens", "mask_motion"))
 TANGENT_CHUNK = 64
@@ -94,10 +95,7 @@ def token_reach(layer: PCMLayer, x: jax.Array, call: dict, token_key: str) -> np
 
 def initial_params(config) -> dict:
     """{"dotted.key": array} of a run config's fresh initialisation (the trainer's, from config.seed)."""
-    from actalker_jax import train
-    from actalker_jax.run_model import flatten
-
-    return flatten(nnx.split(train.make_model_fn(config)())[1])
+    return flatten(nnx.split(make_model_fn(config)())[1])
 
 
 def _thirds(reach: np.ndarray, keep: np.ndarray) -> list[float]:
