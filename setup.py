@@ -20,9 +20,11 @@ def _kernel_packages():
 kernel_packages = _kernel_packages()
 
 # Preprocessing, synthetic data, the TFDS source and evaluation figures (tests exercise them, so the test extra
-# includes them).
+# includes them). transformers < 5.25: 5.25 requires Hugging Face's `kernels` package, whose setuptools entry point
+# (`kernels._internals`) is shadowed by this repository's top-level kernels/ directory, so building this package
+# fails in an environment that has it (until kernels/ moves under actalker_jax/).
 DATA_EXTRAS = ["array-record", "tensorflow-datasets", "importlib_resources", "dlib-bin",
-               "face-recognition-models", "opencv-python-headless", "scikit-image", "tqdm", "transformers",
+               "face-recognition-models", "opencv-python-headless", "scikit-image", "tqdm", "transformers<5.25",
                "matplotlib"]
 
 setup(
@@ -53,7 +55,7 @@ setup(
         "pillow",  # GIF sample videos in TensorBoard
     ],
     extras_require={
-        "test": ["pytest", "pyyaml", "torch==2.13.0", "diffusers", "transformers"] + DATA_EXTRAS,
+        "test": ["pytest", "pyyaml", "torch==2.13.0", "diffusers", "transformers<5.25"] + DATA_EXTRAS,
         "gpu": ["jax[cuda12]"],
         "data": DATA_EXTRAS,
     },
