@@ -31,7 +31,6 @@ def small_geometry(config):
     return set_keys(config, SMALL_GEOMETRY)
 
 
-
 def probe_config(out, num_clips: int):
     """The demo config at the small geometry on `num_clips` fresh synthetic 6-frame clips written to `out`, 4-frame
     windows, every clip in the train split (for the probes of eval/)."""

@@ -129,10 +129,10 @@ def run_reach(loaded, *, sigma: float = 1.0, batch_size: int = 2, split: str = "
         for branch, token_key, mask_key in BRANCHES:
             keep = np.asarray(select_tokens(call["conditions"][mask_key], grid))
             reach[branch] = token_reach(layer, x, call, token_key).mean(axis=1)  # (B, L)
-            inside = [r[k].mean() if k.any() else 0.0 for r, k in zip(reach[branch], keep)]
             row[f"{branch}_outside"] = float(np.max(np.where(keep, 0.0, reach[branch]), initial=0.0))
             if branch == "audio":
-                row["audio_region"] = float(np.mean(inside))
+                row["audio_region"] = float(np.mean([r[k].mean() if k.any() else 0.0
+                                                     for r, k in zip(reach[branch], keep)]))
             else:
                 row["motion_thirds"] = _thirds(reach[branch], keep)
         layers.append(row)
