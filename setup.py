@@ -1,7 +1,8 @@
 """actalker_jax: ACTalker (audio-visual controlled talking-head video diffusion) in JAX/Flax NNX.
 
 `kernels/` sits at the top level of the repository and is installed as `actalker_jax.kernels`
-(package_dir mapping), both by `pip install -e .` and in a built wheel.
+(package_dir mapping), both by `pip install -e .` and in a built wheel. Imported as a top-level `kernels` (a
+process started in the repository root), it hands over to Hugging Face's package of that name (kernels/__init__.py).
 """
 import os
 
@@ -20,11 +21,9 @@ def _kernel_packages():
 kernel_packages = _kernel_packages()
 
 # Preprocessing, synthetic data, the TFDS source and evaluation figures (tests exercise them, so the test extra
-# includes them). transformers < 5.25: 5.25 requires Hugging Face's `kernels` package, whose setuptools entry point
-# (`kernels._internals`) is shadowed by this repository's top-level kernels/ directory, so building this package
-# fails in an environment that has it (until kernels/ moves under actalker_jax/).
+# includes them).
 DATA_EXTRAS = ["array-record", "tensorflow-datasets", "importlib_resources", "dlib-bin",
-               "face-recognition-models", "opencv-python-headless", "scikit-image", "tqdm", "transformers<5.25",
+               "face-recognition-models", "opencv-python-headless", "scikit-image", "tqdm", "transformers",
                "matplotlib"]
 
 setup(
@@ -55,7 +54,7 @@ setup(
         "pillow",  # GIF sample videos in TensorBoard
     ],
     extras_require={
-        "test": ["pytest", "pyyaml", "torch==2.13.0", "diffusers", "transformers<5.25"] + DATA_EXTRAS,
+        "test": ["pytest", "pyyaml", "torch==2.13.0", "diffusers", "transformers"] + DATA_EXTRAS,
         "gpu": ["jax[cuda12]"],
         "data": DATA_EXTRAS,
     },

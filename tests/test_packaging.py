@@ -1,4 +1,5 @@
-"""kernels/ is importable as actalker_jax.kernels from the editable install and from a built wheel."""
+"""kernels/ is importable as actalker_jax.kernels from the editable install and from a built wheel, and does not
+shadow another top-level `kernels` package for a process started in the repository root."""
 
 import os
 import subprocess
@@ -32,6 +33,33 @@ def test_wheel_contains_and_imports_kernels(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True, timeout=300,
                          cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(site)}).stdout.split()
     assert all(path.startswith(str(site)) for path in out), out
+
+
+def _import_kernels_in_repo_root(code, pythonpath):
+    return subprocess.run([sys.executable, "-S", "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT,
+                          env={**os.environ, "PYTHONPATH": pythonpath})
+
+
+def test_top_level_kernels_name_hands_over_to_the_installed_package(tmp_path):
+    """Hugging Face's `kernels` (a transformers dependency) imported from the repository root, where kernels/ is
+    first on sys.path: the import gets that package and its submodules (transformers and setuptools' egg_info
+    writers import `kernels._internals` this way)."""
+    other = tmp_path / "kernels"
+    (other / "_internals").mkdir(parents=True)
+    (other / "__init__.py").write_text("WHO = 'installed'\n")
+    (other / "_internals" / "__init__.py").write_text("")
+    done = _import_kernels_in_repo_root(
+        "import kernels, kernels._internals; print(kernels.WHO, kernels.__file__, kernels._internals.__file__)",
+        str(tmp_path))
+    assert done.returncode == 0, done.stderr
+    who, *files = done.stdout.split()
+    assert who == "installed" and all(f.startswith(str(other)) for f in files), done.stdout
+
+
+def test_top_level_kernels_name_without_an_installed_package_is_not_found(tmp_path):
+    done = _import_kernels_in_repo_root("import kernels", str(tmp_path))
+    assert done.returncode == 1
+    assert "ModuleNotFoundError: No module named 'kernels'" in done.stderr, done.stderr
 
 
 def test_only_entry_points_import_the_trainer():
