@@ -27,7 +27,7 @@ from actalker_jax import diffusion, flops, optim, sharding
 from actalker_jax.data import pipeline
 from actalker_jax.media import Media
 from actalker_jax.run_model import TrainError, flatten, make_model_fn, model_config, unflatten  # noqa: F401
-from actalker_jax.models.actalker import ACTalkerModel, face_box_image
+from actalker_jax.models.actalker import ACTalkerModel, record_conditions
 
 CONFIG_FLAG = config_flags.DEFINE_config_file("config", None, "Training config file (configs/*.py[:arg]).",
                                           lock_config=True)
@@ -81,10 +81,7 @@ def loss_fn(model: ACTalkerModel, batch: dict, key, config, edm: diffusion.EDMCo
     noisy, _ = diffusion.add_noise(k_noise, x0, sigma, edm)
     sample, timestep = diffusion.model_inputs(noisy, batch["ref_latent"], sigma)
     gates, drops = sample_controls(k_control, batch_size, config)
-    image_size = batch["mask_audio"].shape[1:]
-    conditions = dict(audio=batch["audio"], expression=batch["motion"], pose=batch["pose"],
-                      id_embed=batch["id_embed"],
-                      face_image=face_box_image(batch["face_box"], image_size, config.train.face_box_scale))
+    conditions = record_conditions(batch, config.train.face_box_scale)
     masks = dict(mask_audio=batch["mask_audio"], mask_motion=batch["mask_motion"])
     if not config.train.get("mask_drop", True):  # ablation: both branches see every token
         masks = {k: jnp.ones_like(v) for k, v in masks.items()}

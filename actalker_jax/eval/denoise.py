@@ -29,7 +29,7 @@ import numpy as np
 from actalker_jax import diffusion
 from actalker_jax.data import pipeline
 from actalker_jax.data.demo_encoders import pixel_unshuffle
-from actalker_jax.models.actalker import face_box_image
+from actalker_jax.models.actalker import record_conditions
 
 KEYS = ("all", "mouth", "face", "mouth_other_audio", "face_other_motion", "copy_reference", "mouth_change_audio",
         "face_change_expression", "face_change_pose", "face_motion")
@@ -64,16 +64,14 @@ def run_denoise(loaded, *, sigmas=(0.2, 1.0, 5.0), batch_size: int = 4, split: s
     other = jnp.roll(jnp.arange(batch_size), 1)
     mouth = _latent_region(batch["mask_audio"], loaded.media.factor)
     face = _latent_region(batch["mask_motion"], loaded.media.factor)
-    face_image = face_box_image(batch["face_box"], batch["mask_audio"].shape[1:],
-                                float(config.get("train", {}).get("face_box_scale", 1.2)))
+    true_conditions = record_conditions(batch, float(config.get("train", {}).get("face_box_scale", 1.2)))
 
     @jax.jit
     def predict(sigma, audio, expression, pose):
         sigma = jnp.full((batch_size,), sigma, jnp.float32)
         noisy, _ = diffusion.add_noise(jax.random.key(seed), x0, sigma, edm)
         sample, timestep = diffusion.model_inputs(noisy, batch["ref_latent"], sigma)
-        conditions = dict(audio=audio, expression=expression, pose=pose, id_embed=batch["id_embed"],
-                          face_image=face_image)
+        conditions = {**true_conditions, "audio": audio, "expression": expression, "pose": pose}
         output = loaded.model(sample, timestep, batch["added_time_ids"], conditions, jnp.ones((batch_size, 2)),
                               mask_audio=batch["mask_audio"], mask_motion=batch["mask_motion"])
         return diffusion.denoised(output, noisy, sigma)

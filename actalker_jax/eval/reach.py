@@ -38,7 +38,7 @@ from flax import nnx
 
 from actalker_jax import diffusion
 from actalker_jax.eval.denoise import probe_batch
-from actalker_jax.models.actalker import face_box_image
+from actalker_jax.models.actalker import record_conditions
 from actalker_jax.models.masks import select_tokens
 from actalker_jax.models.pcm import PCMLayer
 from actalker_jax.run_model import flatten, make_model_fn
@@ -113,9 +113,7 @@ def run_reach(loaded, *, sigma: float = 1.0, batch_size: int = 2, split: str = "
     sigmas = jnp.full((batch_size,), sigma, jnp.float32)
     noisy, _ = diffusion.add_noise(jax.random.key(seed), batch["latents"] * edm.latent_scale, sigmas, edm)
     sample, timestep = diffusion.model_inputs(noisy, batch["ref_latent"], sigmas)
-    conditions = dict(audio=batch["audio"], expression=batch["motion"], pose=batch["pose"], id_embed=batch["id_embed"],
-                      face_image=face_box_image(batch["face_box"], batch["mask_audio"].shape[1:],
-                                                float(config.get("train", {}).get("face_box_scale", 1.2))))
+    conditions = record_conditions(batch, float(config.get("train", {}).get("face_box_scale", 1.2)))
     calls = record_pcm_inputs(loaded.model, sample, timestep, batch["added_time_ids"], conditions,
                               jnp.ones((batch_size, 2)), mask_audio=batch["mask_audio"],
                               mask_motion=batch["mask_motion"])

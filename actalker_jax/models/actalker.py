@@ -197,3 +197,11 @@ def face_box_image(face_box: jax.Array, size: tuple[int, int], scale: float = 1.
     inside_y = jnp.abs(y[None, :] - centre[:, 1:2]) <= half[:, 1:2]
     box = (inside_y[:, :, None] & inside_x[:, None, :]).astype(jnp.float32)
     return jnp.broadcast_to(box[..., None], box.shape + (3,))
+
+
+def record_conditions(batch: dict, face_box_scale: float) -> dict:
+    """The model's `conditions` from a batch of records (data/records.py): audio, expression (the record's `motion`),
+    pose, id_embed and the pose guider's face image, the record's face box scaled by `face_box_scale` at the
+    frame size of its masks (B, H, W)."""
+    return dict(audio=batch["audio"], expression=batch["motion"], pose=batch["pose"], id_embed=batch["id_embed"],
+                face_image=face_box_image(batch["face_box"], batch["mask_audio"].shape[1:], face_box_scale))
