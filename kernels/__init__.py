@@ -12,13 +12,13 @@ import os
 import sys
 
 if __name__ == "kernels":
-  _repo_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  _elsewhere = [p for p in sys.path if os.path.abspath(p or os.curdir) != _repo_root]
-  _spec = importlib.machinery.PathFinder.find_spec("kernels", _elsewhere)
-  if _spec is None:
-    del sys.modules["kernels"]
-    raise ModuleNotFoundError("No module named 'kernels' (the repository's kernels/ is actalker_jax.kernels)",
-                              name="kernels")
-  _module = importlib.util.module_from_spec(_spec)
-  sys.modules["kernels"] = _module
-  _spec.loader.exec_module(_module)
+    _repo_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    _elsewhere = [p for p in sys.path if os.path.abspath(p or os.curdir) != _repo_root]
+    _spec = importlib.machinery.PathFinder.find_spec("kernels", _elsewhere)
+    if _spec is None:
+        del sys.modules["kernels"]
+        raise ModuleNotFoundError("No module named 'kernels' (the repository's kernels/ is actalker_jax.kernels)",
+                                  name="kernels")
+    _module = importlib.util.module_from_spec(_spec)
+    sys.modules["kernels"] = _module
+    _spec.loader.exec_module(_module)
