@@ -2,6 +2,7 @@
 
     mcfg = model_config(config)                 # config.model -> ACTalkerConfig (TrainError names a bad key)
     model = make_model_fn(config)()             # the trainer's fresh model (seed, compute dtype, remat of config)
+    scale = face_box_scale(config)              # the pose guider's face-box scale (sampling, evaluation)
     flat = flatten(nnx.split(model)[1])         # {"dotted.path": array}: checkpoints and the optimizer use it
     state = unflatten(template_state, flat)
 
@@ -43,6 +44,12 @@ def unflatten(template: nnx.State, flat: dict) -> nnx.State:
     """The inverse of `flatten` onto a template state of the same paths."""
     return nnx.from_flat_state([(path, var.replace(flat[".".join(str(p) for p in path)]))
                                 for path, var in nnx.to_flat_state(template)])
+
+
+def face_box_scale(config) -> float:
+    """The pose guider's face-box scale of a run config: config.train.face_box_scale, else 1.2 (the official
+    inference value) for configs without a train section."""
+    return float(config.get("train", {}).get("face_box_scale", 1.2))
 
 
 def make_model_fn(config):

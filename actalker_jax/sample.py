@@ -50,7 +50,7 @@ from actalker_jax import diffusion
 from actalker_jax.data.face import FaceError
 from actalker_jax.media import Media, MediaError, resample
 from actalker_jax.models.actalker import INFERENCE_MASKS, ACTalkerModel, control_masks, face_box_image
-from actalker_jax.run_model import TrainError, flatten, model_config, unflatten
+from actalker_jax.run_model import TrainError, face_box_scale, flatten, model_config, unflatten
 
 CONTROLS = {"audio": (1.0, 0.0), "motion": (0.0, 1.0), "both": (1.0, 1.0)}
 MAX_WINDOW = 25
@@ -323,8 +323,7 @@ def generate(loaded: LoadedModel, *, image: np.ndarray, wav: np.ndarray, sample_
         raise InputError("guidance", f"needs 3 scales (appearance, audio, motion), got {guidance}")
     gates = np.asarray([CONTROLS[control]], np.float32)
     size = (media.size, media.size)
-    box_scale = float(config.get("train", {}).get("face_box_scale", 1.2))
-    face_image = face_box_image(jnp.asarray(ref.face_box[None]), size, box_scale)
+    face_image = face_box_image(jnp.asarray(ref.face_box[None]), size, face_box_scale(config))
     mask_audio, mask_motion = control_masks(masks, jnp.asarray(gates), mouth=jnp.asarray(ref.mask_audio[None]),
                                             face_minus_mouth=jnp.asarray(ref.mask_motion[None]),
                                             face_box=face_image[..., 0])

@@ -30,6 +30,7 @@ from actalker_jax import diffusion
 from actalker_jax.data import pipeline
 from actalker_jax.data.demo_encoders import pixel_unshuffle
 from actalker_jax.models.actalker import record_conditions
+from actalker_jax.run_model import face_box_scale
 
 KEYS = ("all", "mouth", "face", "mouth_other_audio", "face_other_motion", "copy_reference", "mouth_change_audio",
         "face_change_expression", "face_change_pose", "face_motion")
@@ -64,7 +65,7 @@ def run_denoise(loaded, *, sigmas=(0.2, 1.0, 5.0), batch_size: int = 4, split: s
     other = jnp.roll(jnp.arange(batch_size), 1)
     mouth = _latent_region(batch["mask_audio"], loaded.media.factor)
     face = _latent_region(batch["mask_motion"], loaded.media.factor)
-    true_conditions = record_conditions(batch, float(config.get("train", {}).get("face_box_scale", 1.2)))
+    true_conditions = record_conditions(batch, face_box_scale(config))
 
     @jax.jit
     def predict(sigma, audio, expression, pose):

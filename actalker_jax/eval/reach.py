@@ -41,7 +41,7 @@ from actalker_jax.eval.denoise import probe_batch
 from actalker_jax.models.actalker import record_conditions
 from actalker_jax.models.masks import select_tokens
 from actalker_jax.models.pcm import PCMLayer
-from actalker_jax.run_model import flatten, make_model_fn
+from actalker_jax.run_model import face_box_scale, flatten, make_model_fn
 
 BRANCHES = (("audio", "audio_tokens", "mask_audio"), ("motion", "motion_tokens", "mask_motion"))
 TANGENT_CHUNK = 64
@@ -113,7 +113,7 @@ def run_reach(loaded, *, sigma: float = 1.0, batch_size: int = 2, split: str = "
     sigmas = jnp.full((batch_size,), sigma, jnp.float32)
     noisy, _ = diffusion.add_noise(jax.random.key(seed), batch["latents"] * edm.latent_scale, sigmas, edm)
     sample, timestep = diffusion.model_inputs(noisy, batch["ref_latent"], sigmas)
-    conditions = record_conditions(batch, float(config.get("train", {}).get("face_box_scale", 1.2)))
+    conditions = record_conditions(batch, face_box_scale(config))
     calls = record_pcm_inputs(loaded.model, sample, timestep, batch["added_time_ids"], conditions,
                               jnp.ones((batch_size, 2)), mask_audio=batch["mask_audio"],
                               mask_motion=batch["mask_motion"])
