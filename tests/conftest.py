@@ -7,6 +7,7 @@ compile time, the generated code stays IEEE-exact (no fast-math), and it halves 
 import os
 import sys
 import tempfile
+import tracemalloc  # noqa: F401  (see below)
 
 _FLAGS = ("--xla_force_host_platform_device_count=8", "--xla_backend_optimization_level=0")
 os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", "")] + [
@@ -17,6 +18,12 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="actalker-jax-cache-"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 sys.path.insert(0, os.path.dirname(__file__))
+# pytest's unraisable-exception hook imports `tracemalloc` on first use. tensorflow-datasets imports its
+# dependencies under etils' `lazy_imports`, which swaps `builtins.__import__` for one that returns lazy
+# modules; a garbage collection during that import (an object whose __del__ raises) then ran the hook's
+# first `import tracemalloc` through the swap, tracemalloc.py's own imports came back lazy, and the hook
+# failed ("Failed to process unraisable exception", a spurious test failure). Imported here, the hook
+# finds it loaded (tests/test_pipeline.py::test_unraisable_hook_survives_lazy_imports).
 
 
 import pytest  # noqa: E402  (after the environment set-up above)

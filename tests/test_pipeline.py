@@ -1,5 +1,6 @@
 """The grain input pipeline: determinism, resume, per-process sharding, crops, bad inputs, TFDS, bench."""
 
+import gc
 import io
 import os
 
@@ -292,6 +293,22 @@ def test_tfds_source_yields_the_same_clips(shard_dir, tmp_path):
         assert batch["latents"].shape == (1, N_FRAMES, 4, 4, 4)
         assert float(batch["added_time_ids"][0, 0]) in fps | {f / 2 for f in fps}
     assert sorted(int(b["clip_index"][0]) for b in batches[:len(clips)]) == list(range(len(clips)))
+
+
+class _RaisesOnDel:
+    def __del__(self):
+        raise ValueError("raised in __del__")
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_unraisable_hook_survives_lazy_imports():
+    """A __del__ that raises while tfds's lazy imports swap `__import__` is a warning, not a failed hook."""
+    epy = pytest.importorskip("etils.epy", reason="etils is not installed")
+    cycle = _RaisesOnDel()
+    cycle.self = cycle
+    del cycle
+    with epy.lazy_imports():
+        gc.collect()
 
 
 def test_data_bench_prints_throughput(shard_dir, capsys):
