@@ -4,7 +4,9 @@
 compile time, the generated code stays IEEE-exact (no fast-math), and it halves the suite's time.
 """
 
+import atexit
 import os
+import shutil
 import sys
 import tempfile
 import tracemalloc  # noqa: F401  (see below)
@@ -14,8 +16,10 @@ os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", "")] + [
     f for f in _FLAGS if f.split("=")[0] not in os.environ.get("XLA_FLAGS", "")]).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # A persistent compilation cache for the session: tests that rebuild the same program (trainer resume,
-# repeated jits of one model) compile it once.
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="actalker-jax-cache-"))
+# repeated jits of one model) compile it once. Removed when the session ends (subprocesses of tests inherit it).
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="actalker-jax-cache-")
+    atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 sys.path.insert(0, os.path.dirname(__file__))
 # pytest's unraisable-exception hook imports `tracemalloc` on first use. tensorflow-datasets imports its
