@@ -54,7 +54,7 @@ setup(
         "pillow",  # GIF sample videos in TensorBoard
     ],
     extras_require={
-        "test": ["pytest", "pyyaml", "torch==2.13.0", "diffusers", "transformers"] + DATA_EXTRAS,
+        "test": ["pytest", "pytest-xdist", "pyyaml", "torch==2.13.0", "diffusers", "transformers"] + DATA_EXTRAS,
         "gpu": ["jax[cuda12]"],
         "data": DATA_EXTRAS,
     },
