@@ -14,9 +14,11 @@ drives the mouth (mouth-audio correlation 0.91 / 0.91 in the audio-only / both m
 does not yet drive the eyes or the yaw (correlations within +-0.2, i.e. none). The motion arrives later: with
 `--config.total_steps=6000` the checkpoint at step 4500 (~56 minutes) has yaw 0.96 / 0.85 and eyes 0.61 / 0.56
 (motion-only / both), mouth 0.90 / 0.88; at step 6000 (~75 minutes) yaw 0.96 / 0.84, eyes 0.71 / 0.64, mouth
-0.91 / 0.91, but the motion opens the mouth a little in motion-only mode (mouth leak 0.40). The curve vs steps, the
-ablations, why the motion lags: docs/benchmarks.md ("Control vs training steps", "Why the motion is not learned
-yet", "Larger synthetic eyes", "Where the motion condition reaches").
+0.91 / 0.91, but the motion opens the mouth a little in motion-only mode (mouth leak 0.40). Resumed from there with
+`--config.total_steps=10000` (a warm restart), step 10000 (~2.5 hours in all) has eyes 0.87 / 0.84, yaw 0.90 / 0.66,
+mouth 0.96 / 0.95, mouth leak 0.28 (8 clips). The curve vs steps, the ablations, why the motion lags:
+docs/benchmarks.md ("Control vs training steps", "Why the motion is not learned yet", "Larger synthetic eyes", "Where
+the motion condition reaches", "Past the 6000-step schedule").
 
 Why 32x32 and factor 2: the UNet's first level is 32 channels wide, and it cannot carry 48 latent channels
 (64x64 at factor 4) through it: on one fixed batch at sigma = 1 the x0 error fell to 0.098 in 150 Adam steps
