@@ -41,7 +41,7 @@ setup(
     install_requires=[
         "jax>=0.10.2",
         "flax>=0.12",
-        "optax",
+        "optax>=0.2.5",  # optax.tree.norm
         "orbax-checkpoint",
         "grain",
         "ml-collections",

@@ -232,7 +232,7 @@ def build_trainer(config, mesh) -> Trainer:
             return loss_fn(model, batch, step_key, config, edm)
 
         (loss, per_sample), grads = jax.value_and_grad(loss_of, has_aux=True)(train_params)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         finite = jnp.all(jnp.isfinite(per_sample)) & jnp.isfinite(grad_norm)
         updates, opt_state = optimizer.update(grads, state["opt_state"], train_params)
         params = {**state["params"], **jax.tree.map(lambda p, u: p + u, train_params, updates)}
