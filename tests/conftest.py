@@ -9,7 +9,6 @@ import os
 import shutil
 import sys
 import tempfile
-import tracemalloc  # noqa: F401  (see below)
 
 _FLAGS = ("--xla_force_host_platform_device_count=8", "--xla_backend_optimization_level=0")
 os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", "")] + [
@@ -28,6 +27,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 # first `import tracemalloc` through the swap, tracemalloc.py's own imports came back lazy, and the hook
 # failed ("Failed to process unraisable exception", a spurious test failure). Imported here, the hook
 # finds it loaded (tests/test_pipeline.py::test_unraisable_hook_survives_lazy_imports).
+import tracemalloc  # noqa: E402, F401
 
 
 import pytest  # noqa: E402  (after the environment set-up above)
