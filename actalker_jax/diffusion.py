@@ -12,14 +12,26 @@ Preconditioning (σ broadcasts over the non-batch axes of x):
 With x = x0 + σ·ε the exact network target is F* = (ε − σ·x0)/√(σ²+1) (`v_target`), and the EDM-weighted
 x̂0 loss (σ²+1)/σ²·(x̂0 − x0)² equals the plain v-space loss (F − F*)².
 
+Data prior (`DataPrior`, from `EDMConfig.center` and `EDMConfig.sigma_data`). SVD's preconditioning is EDM's (Karras
+et al. 2022, Table 1) for data of mean 0 and standard deviation σ_data = 1 (`SPEC_PRIOR`, the default). In general,
+for data of mean μ and standard deviation σ_d, with x = x0 + σ·ε:
+    c_in = 1/√(σ²+σ_d²), c_skip = σ_d²/(σ²+σ_d²), c_out = −σ·σ_d/√(σ²+σ_d²),
+    network input c_in·(x − μ), x̂0 = μ + c_skip·(x − μ) + c_out·F, loss weight (σ²+σ_d²)/(σ·σ_d)²,
+and the weighted x̂0 loss is still the plain v-space loss (F − F*)². center "reference" (ours, for models trained
+from scratch) takes μ = latent_scale·z_ref repeated over frames and σ_d = the standard deviation of the frames around
+it: an untrained network (F ≈ 0) then predicts the reference at every σ >> σ_d, and training spends its steps on how
+the frames differ from the reference (mouth, eyes, pose) instead of on passing the noise through. The noise, the
+sampler's start (latent_scale·z_ref + σ_max·ε, as in the spec) and the Euler steps are the same for every prior.
+
 Sampling loop (one window; `model` is the ACTalker model, guidance over 4 stacked branches):
     sigmas = karras_sigmas(config)                                    # (26,) 700 ... 0.002, 0
     x = init_latents(key, latent_scale·z_ref repeated over F, shape, config)
+    prior = data_prior(z_ref, config)
     for i in range(config.num_steps):
-        sample, t = model_inputs(x, z_ref, sigmas[i])
+        sample, t = model_inputs(x, z_ref, sigmas[i], prior)
         out = model(repeat_branches(sample), repeat_branches(t), ..., **guidance_batch(B))   # (4B,F,h,w,c)
         F = guided_denoised(split_branches(out), config.guidance_scales)
-        x = euler_step(x, denoised(F, x, sigmas[i]), sigmas[i], sigmas[i + 1])
+        x = euler_step(x, denoised(F, x, sigmas[i], prior), sigmas[i], sigmas[i + 1])
 Long videos (`actalker_jax.sample`): the buffer of N frames is covered at step i by
 `circular_windows(N, F, window_shift(i, F))`; every window steps from the same pre-step buffer, and frames
 covered twice are averaged.
@@ -33,6 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 
 NUM_BRANCHES = 4
+CENTERS = ("zero", "reference")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,6 +54,8 @@ class EDMConfig:
 
     offset_per_channel: False (default, the official `noise_util.random_noise` on (B,F,C,H,W) latents) draws one
     offset per (sample, frame), shape (B,F,1,1,1), shared by h, w and the channels; True draws (B,F,1,1,c).
+    center, sigma_data: the data mean ("zero": SVD, or "reference") and standard deviation the preconditioning
+    assumes (module doc, `data_prior`).
     """
 
     p_mean: float = 0.7
@@ -55,6 +70,14 @@ class EDMConfig:
     guidance_appearance: float = 2.0
     guidance_audio: float = 7.5
     guidance_motion: float = 3.0
+    center: str = "zero"
+    sigma_data: float = 1.0
+
+    def __post_init__(self):
+        if self.center not in CENTERS:
+            raise ValueError(f"center must be one of {CENTERS}, got {self.center!r}")
+        if not self.sigma_data > 0:
+            raise ValueError(f"sigma_data must be positive, got {self.sigma_data!r}")
 
     @property
     def guidance_scales(self) -> tuple[float, float, float]:
@@ -67,6 +90,17 @@ class EDMConfig:
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "EDMConfig":
         return cls(**values)
+
+
+class DataPrior(NamedTuple):
+    """The data distribution the preconditioning assumes (module doc): mean μ, () or broadcastable to the
+    (B,F,h,w,c) latents, and standard deviation σ_data. A pytree: pass it through jit like an array."""
+
+    mean: Any = 0.0
+    std: Any = 1.0
+
+
+SPEC_PRIOR = DataPrior()  # SVD: mean 0, σ_data 1
 
 
 class Preconditioning(NamedTuple):
@@ -88,30 +122,49 @@ def unscale_latents(latents: jax.Array, config: EDMConfig) -> jax.Array:
     return latents / config.latent_scale
 
 
+def data_prior(ref_latent: jax.Array, config: EDMConfig) -> DataPrior:
+    """The preconditioning's prior of `config`: mean () zero, or latent_scale·z_ref for center "reference";
+    std config.sigma_data.
+
+    ref_latent: the UNscaled reference latent (B,h,w,c) -> mean (B,1,h,w,c), or already repeated (B,F,h,w,c) ->
+    mean (B,F,h,w,c); the mean broadcasts against (B,F,h,w,c) diffusion-space latents.
+    """
+    std = jnp.float32(config.sigma_data)
+    if config.center == "zero":
+        return DataPrior(jnp.zeros((), jnp.float32), std)
+    mean = scale_latents(jnp.asarray(ref_latent, jnp.float32), config)
+    return DataPrior(mean[:, None] if mean.ndim == 4 else mean, std)
+
+
 def expand_sigma(sigma: jax.Array, ndim: int) -> jax.Array:
     """σ () or (B,) -> () or (B, 1, ..., 1) with `ndim` axes, to broadcast against a (B, ...) array."""
     sigma = jnp.asarray(sigma, jnp.float32)
     return sigma if sigma.ndim == 0 else sigma.reshape(sigma.shape + (1,) * (ndim - sigma.ndim))
 
 
-def preconditioning(sigma: jax.Array) -> Preconditioning:
-    """σ (any shape) -> (c_skip, c_out, c_in, c_noise), float32."""
+def preconditioning(sigma: jax.Array, sigma_data: jax.Array = 1.0) -> Preconditioning:
+    """σ (any shape), σ_data (scalar; 1 = SVD) -> (c_skip, c_out, c_in, c_noise), float32, shaped like σ."""
     sigma = jnp.asarray(sigma, jnp.float32)
-    norm = jnp.sqrt(sigma**2 + 1.0)
-    return Preconditioning(c_skip=1.0 / (sigma**2 + 1.0), c_out=-sigma / norm, c_in=1.0 / norm,
-                           c_noise=0.25 * jnp.log(sigma))
+    var_data = jnp.asarray(sigma_data, jnp.float32) ** 2
+    norm = jnp.sqrt(sigma**2 + var_data)
+    return Preconditioning(c_skip=var_data / (sigma**2 + var_data), c_out=-sigma * jnp.sqrt(var_data) / norm,
+                           c_in=1.0 / norm, c_noise=0.25 * jnp.log(sigma))
 
 
-def denoised(model_output: jax.Array, x: jax.Array, sigma: jax.Array) -> jax.Array:
-    """x̂0 = c_skip·x + c_out·F. model_output F, x (B, ...); σ () or (B,). Returns float32 (B, ...)."""
-    c = preconditioning(expand_sigma(sigma, x.ndim))
-    return c.c_skip * x.astype(jnp.float32) + c.c_out * model_output.astype(jnp.float32)
+def denoised(model_output: jax.Array, x: jax.Array, sigma: jax.Array, prior: DataPrior = SPEC_PRIOR) -> jax.Array:
+    """x̂0 = μ + c_skip·(x − μ) + c_out·F. model_output F, x (B, ...); σ () or (B,); prior (μ, σ_data).
+    Returns float32 (B, ...)."""
+    c = preconditioning(expand_sigma(sigma, x.ndim), prior.std)
+    return prior.mean + c.c_skip * (x.astype(jnp.float32) - prior.mean) + c.c_out * model_output.astype(jnp.float32)
 
 
-def v_target(x0: jax.Array, noise: jax.Array, sigma: jax.Array) -> jax.Array:
-    """The network output F* with denoised(F*, x0 + σ·noise, σ) = x0: (noise − σ·x0)/√(σ²+1). Shapes (B, ...)."""
+def v_target(x0: jax.Array, noise: jax.Array, sigma: jax.Array, prior: DataPrior = SPEC_PRIOR) -> jax.Array:
+    """The network output F* with denoised(F*, x0 + σ·noise, σ, prior) = x0:
+    (σ_d·noise − σ·(x0 − μ)/σ_d)/√(σ²+σ_d²) ((noise − σ·x0)/√(σ²+1) for the spec). Shapes (B, ...)."""
     sigma = expand_sigma(sigma, x0.ndim)
-    return (noise.astype(jnp.float32) - sigma * x0.astype(jnp.float32)) / jnp.sqrt(sigma**2 + 1.0)
+    std = jnp.asarray(prior.std, jnp.float32)
+    residual = x0.astype(jnp.float32) - prior.mean
+    return (std * noise.astype(jnp.float32) - sigma * residual / std) / jnp.sqrt(sigma**2 + std**2)
 
 
 def sample_sigmas(key: jax.Array, batch: int, config: EDMConfig) -> jax.Array:
@@ -142,31 +195,34 @@ def add_noise(key: jax.Array, x0: jax.Array, sigma: jax.Array, config: EDMConfig
     return x0.astype(jnp.float32) + expand_sigma(sigma, x0.ndim) * noise, noise
 
 
-def loss_weight(sigma: jax.Array) -> jax.Array:
-    """EDM x̂0-loss weight (σ²+1)/σ², shaped like σ."""
+def loss_weight(sigma: jax.Array, sigma_data: jax.Array = 1.0) -> jax.Array:
+    """EDM x̂0-loss weight (σ²+σ_d²)/(σ·σ_d)² ((σ²+1)/σ² for SVD), shaped like σ."""
     sigma = jnp.asarray(sigma, jnp.float32)
-    return (sigma**2 + 1.0) / sigma**2
+    var_data = jnp.asarray(sigma_data, jnp.float32) ** 2
+    return (sigma**2 + var_data) / (sigma**2 * var_data)
 
 
-def denoising_loss(model_output: jax.Array, x_noisy: jax.Array, x0: jax.Array,
-                   sigma: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Weighted x̂0 MSE. model_output F, x_noisy, x0 (B, ...); σ (B,) -> (per-sample loss (B,), batch mean ())."""
-    error = (denoised(model_output, x_noisy, sigma) - x0.astype(jnp.float32)) ** 2
-    per_sample = loss_weight(sigma) * jnp.mean(error, axis=tuple(range(1, error.ndim)))
+def denoising_loss(model_output: jax.Array, x_noisy: jax.Array, x0: jax.Array, sigma: jax.Array,
+                   prior: DataPrior = SPEC_PRIOR) -> tuple[jax.Array, jax.Array]:
+    """Weighted x̂0 MSE. model_output F, x_noisy, x0 (B, ...); σ (B,); prior (μ, σ_data) ->
+    (per-sample loss (B,), batch mean ())."""
+    error = (denoised(model_output, x_noisy, sigma, prior) - x0.astype(jnp.float32)) ** 2
+    per_sample = loss_weight(sigma, prior.std) * jnp.mean(error, axis=tuple(range(1, error.ndim)))
     return per_sample, jnp.mean(per_sample)
 
 
-def model_inputs(x_noisy: jax.Array, ref_latent: jax.Array, sigma: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Model `sample` and `timestep`: ([x_noisy·c_in ; ref] (B,F,h,w,2c), c_noise (B,)).
+def model_inputs(x_noisy: jax.Array, ref_latent: jax.Array, sigma: jax.Array,
+                 prior: DataPrior = SPEC_PRIOR) -> tuple[jax.Array, jax.Array]:
+    """Model `sample` and `timestep`: ([(x_noisy − μ)·c_in ; ref] (B,F,h,w,2c), c_noise (B,)).
 
     x_noisy (B,F,h,w,c) in diffusion space; ref_latent the UNscaled reference latent, (B,h,w,c) (repeated over F
-    here) or already (B,F,h,w,c); σ () or (B,). The sample has x_noisy's dtype.
+    here) or already (B,F,h,w,c); σ () or (B,); prior (μ, σ_data). The sample has x_noisy's dtype.
     """
     batch, frames = x_noisy.shape[:2]
-    c = preconditioning(expand_sigma(sigma, x_noisy.ndim))
+    c = preconditioning(expand_sigma(sigma, x_noisy.ndim), prior.std)
     if ref_latent.ndim == x_noisy.ndim - 1:
         ref_latent = jnp.broadcast_to(ref_latent[:, None], (batch, frames) + ref_latent.shape[1:])
-    scaled = (x_noisy.astype(jnp.float32) * c.c_in).astype(x_noisy.dtype)
+    scaled = ((x_noisy.astype(jnp.float32) - prior.mean) * c.c_in).astype(x_noisy.dtype)
     sample = jnp.concatenate([scaled, ref_latent.astype(x_noisy.dtype)], axis=-1)
     timestep = jnp.broadcast_to(preconditioning(sigma).c_noise, (batch,))
     return sample, timestep

@@ -191,7 +191,7 @@ def _make_denoise(loaded: LoadedModel, graphdef, state):
     def step(state, x, sigma, sigma_next, scales, inputs):
         loaded.traces += 1
         model = nnx.merge(graphdef, state)
-        sample, timestep = diffusion.model_inputs(x, inputs["ref_latent"], sigma)
+        sample, timestep = diffusion.model_inputs(x, inputs["ref_latent"], sigma, inputs["prior"])
         conditions = dict(audio=inputs["audio"], expression=inputs["expression"], pose=inputs["pose"],
                           id_embed=inputs["id_embed"], face_image=inputs["face_image"])
         b = diffusion.repeat_branches(dict(sample=sample, timestep=timestep, added=inputs["added_time_ids"],
@@ -200,7 +200,8 @@ def _make_denoise(loaded: LoadedModel, graphdef, state):
         out = model(b["sample"], b["timestep"], b["added"], b["conditions"], b["gates"], mask_audio=b["mask_audio"],
                     mask_motion=b["mask_motion"], **diffusion.guidance_batch(x.shape[0]))
         guided = diffusion.guided_denoised(diffusion.split_branches(out.astype(jnp.float32)), scales)
-        return diffusion.euler_step(x, diffusion.denoised(guided, x, sigma), sigma, sigma_next)
+        x0 = diffusion.denoised(guided, x, sigma, inputs["prior"])
+        return diffusion.euler_step(x, x0, sigma, sigma_next)
 
     return functools.partial(jax.jit(step), state)
 
@@ -224,6 +225,7 @@ def _sample_latents(loaded: LoadedModel, static: dict, audio: np.ndarray, expres
     sigmas = np.asarray(diffusion.karras_sigmas(edm))
     scales = jnp.asarray(scales, jnp.float32)
     static = {k: jnp.asarray(v) for k, v in static.items()}
+    static["prior"] = diffusion.data_prior(static["ref_latent"], edm)
     denoise = loaded.denoise()
     num_windows = len(diffusion.circular_windows(total, window, 0))
     bar = tqdm(total=edm.num_steps * num_windows, unit="window", disable=not progress, dynamic_ncols=True)

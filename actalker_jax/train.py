@@ -79,14 +79,15 @@ def loss_fn(model: ACTalkerModel, batch: dict, key, config, edm: diffusion.EDMCo
     batch_size = x0.shape[0]
     sigma = diffusion.sample_sigmas(k_sigma, batch_size, edm)
     noisy, _ = diffusion.add_noise(k_noise, x0, sigma, edm)
-    sample, timestep = diffusion.model_inputs(noisy, batch["ref_latent"], sigma)
+    prior = diffusion.data_prior(batch["ref_latent"], edm)
+    sample, timestep = diffusion.model_inputs(noisy, batch["ref_latent"], sigma, prior)
     gates, drops = sample_controls(k_control, batch_size, config)
     conditions = record_conditions(batch, config.train.face_box_scale)
     masks = dict(mask_audio=batch["mask_audio"], mask_motion=batch["mask_motion"])
     if not config.train.get("mask_drop", True):  # ablation: both branches see every token
         masks = {k: jnp.ones_like(v) for k, v in masks.items()}
     out = model(sample, timestep, batch["added_time_ids"], conditions, gates, **masks, **drops)
-    per_sample, mean = diffusion.denoising_loss(out.astype(jnp.float32), noisy, x0, sigma)
+    per_sample, mean = diffusion.denoising_loss(out.astype(jnp.float32), noisy, x0, sigma, prior)
     return mean, per_sample
 
 
@@ -318,6 +319,10 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stop: dict) -> Train
     if global_batch_size % batch_axis:
         raise TrainError(f"config.data.batch_size: the global batch {global_batch_size} is not divisible by the "
                          f"mesh's data*fsdp = {batch_axis}")
+    try:
+        diffusion.EDMConfig(**config.diffusion.to_dict())
+    except (TypeError, ValueError) as err:
+        raise TrainError(f"config.diffusion: {err}") from None
 
     # ------------------------------------------------------------------ data
     if config.get("synthetic_clips", 0) and not config.data.records:

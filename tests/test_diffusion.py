@@ -244,3 +244,59 @@ def test_everything_jits():
     assert jax.jit(lambda a: edm.split_branches(edm.repeat_branches(a)))(x0).shape == (4,) + SHAPE
     grad = jax.grad(lambda f: edm.denoising_loss(f, x_noisy, x0, sigma)[1])(noise)
     assert grad.shape == SHAPE and bool(jnp.all(jnp.isfinite(grad)))
+
+
+@pytest.mark.parametrize("sigma_data", [1.0, 0.15])
+def test_reference_prior_is_edm_around_the_reference(sigma_data):
+    """center "reference", σ_data: x̂0 = μ + c_skip·(x − μ) + c_out·F with μ = latent_scale·z_ref and EDM's
+    σ_data coefficients; v_target stays exact, the weighted loss stays the v-space MSE, the network sees
+    c_in·(x − μ), and an all-zero network predicts μ at high σ."""
+    config = dataclasses.replace(CONFIG, center="reference", sigma_data=sigma_data)
+    keys = jax.random.split(jax.random.key(3), 4)
+    x0 = jax.random.normal(keys[0], SHAPE)
+    ref_latent = jax.random.normal(keys[1], (SHAPE[0],) + SHAPE[2:])
+    prior = edm.data_prior(ref_latent, config)
+    assert prior.mean.shape == (SHAPE[0], 1) + SHAPE[2:] and float(prior.std) == np.float32(sigma_data)
+    np.testing.assert_allclose(prior.mean[:, 0], ref_latent * CONFIG.latent_scale, rtol=1e-6)
+    np.testing.assert_array_equal(edm.data_prior(jnp.broadcast_to(ref_latent[:, None], SHAPE), config).mean,
+                                  jnp.broadcast_to(prior.mean, SHAPE))
+    spec = edm.data_prior(ref_latent, CONFIG)
+    assert float(spec.mean) == 0.0 and float(spec.std) == 1.0
+
+    sigma = jnp.array([0.05, 30.0])
+    c = edm.preconditioning(sigma, sigma_data)
+    s, d = np.array([0.05, 30.0]), sigma_data  # Karras et al. 2022, Table 1 (v-prediction sign, as SVD)
+    np.testing.assert_allclose(c.c_skip, d**2 / (s**2 + d**2), rtol=1e-5)
+    np.testing.assert_allclose(c.c_out, -s * d / np.sqrt(s**2 + d**2), rtol=1e-5)
+    np.testing.assert_allclose(c.c_in, 1 / np.sqrt(s**2 + d**2), rtol=1e-5)
+    np.testing.assert_allclose(edm.loss_weight(sigma, sigma_data), (s**2 + d**2) / (s * d) ** 2, rtol=1e-5)
+
+    x_noisy, noise = edm.add_noise(keys[2], x0, sigma, config)
+    target = edm.v_target(x0, noise, sigma, prior)
+    np.testing.assert_allclose(edm.denoised(target, x_noisy, sigma, prior), x0, atol=5e-5)
+    assert float(jnp.max(edm.denoising_loss(target, x_noisy, x0, sigma, prior)[0])) < 1e-6
+    output = jax.random.normal(keys[3], SHAPE)
+    np.testing.assert_allclose(edm.denoising_loss(output, x_noisy, x0, sigma, prior)[0],
+                               jnp.mean((output - target) ** 2, axis=(1, 2, 3, 4)), rtol=1e-4)
+    # the formulas of σ_data on the translated problem x − μ
+    np.testing.assert_allclose(edm.denoised(output, x_noisy, sigma, prior),
+                               prior.mean + edm.denoised(output, x_noisy - prior.mean, sigma,
+                                                         edm.DataPrior(0.0, sigma_data)), rtol=1e-5, atol=1e-5)
+    assert not np.allclose(edm.denoised(output, x_noisy, sigma, prior), edm.denoised(output, x_noisy, sigma))
+
+    sample, _ = edm.model_inputs(x_noisy, ref_latent, sigma, prior)
+    np.testing.assert_allclose(sample[..., :SHAPE[-1]], (x_noisy - prior.mean) * c.c_in[:, None, None, None, None],
+                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(sample[..., SHAPE[-1]:], jnp.broadcast_to(ref_latent[:, None], SHAPE))
+
+    far = jnp.full((SHAPE[0],), 700.0)
+    start = edm.init_latents(keys[2], prior.mean, SHAPE, config)
+    np.testing.assert_allclose(edm.denoised(jnp.zeros(SHAPE), start, far, prior),
+                               jnp.broadcast_to(prior.mean, SHAPE), atol=1e-2)  # c_skip·σ·ε <= ε/700
+
+
+@pytest.mark.parametrize("field,value", [("center", "middle"), ("sigma_data", 0.0)])
+def test_bad_prior_is_named(field, value):
+    with pytest.raises(ValueError, match=f"{field} must be .*got {value!r}"):
+        edm.EDMConfig(**{field: value})
+

@@ -13,25 +13,33 @@ from actalker_jax.media import Media
 from demo_config import probe_config
 
 
-@pytest.fixture(scope="module")
-def config(tmp_path_factory):
-    return probe_config(tmp_path_factory.mktemp("records"), num_clips=3)
+@pytest.fixture(scope="module", params=["zero", "reference"])
+def config(request, tmp_path_factory):
+    """The probe's config with SVD's prior and with the reference prior (diffusion.data_prior)."""
+    config = probe_config(tmp_path_factory.mktemp("records"), num_clips=3)
+    config.diffusion.center = request.param
+    config.diffusion.sigma_data = 1.0 if request.param == "zero" else 0.15
+    return config
 
 
 def _stand_in(config, use_audio: bool, use_pose: bool = False):
     """A 'model' whose x0 is the reference latent, plus (use_audio) the mean of its audio windows everywhere and
     (use_pose) 1e-2 x the mean of its pose everywhere."""
 
+    edm = diffusion.EDMConfig(**config.diffusion.to_dict())
+
     def model(sample, timestep, added_time_ids, conditions, gates, *, mask_audio, mask_motion):
         sigma = jnp.exp(4.0 * timestep)[:, None, None, None, None]
-        c = diffusion.preconditioning(sigma)
         half = sample.shape[-1] // 2
-        x, target = sample[..., :half] / c.c_in, sample[..., half:]
+        ref = sample[..., half:]
+        prior = diffusion.data_prior(ref, edm)
+        c = diffusion.preconditioning(sigma, prior.std)
+        x, target = sample[..., :half] / c.c_in + prior.mean, ref * edm.latent_scale
         if use_audio:
             target = target + jnp.mean(conditions["audio"], axis=(2, 3, 4))[:, :, None, None, None]
         if use_pose:
             target = target + 1e-2 * jnp.mean(conditions["pose"], axis=2)[:, :, None, None, None]
-        return (target - c.c_skip * x) / c.c_out
+        return (target - prior.mean - c.c_skip * (x - prior.mean)) / c.c_out
 
     return types.SimpleNamespace(config=config, step=7, media=Media(config), model=model)
 

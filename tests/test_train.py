@@ -177,6 +177,8 @@ def test_bad_configs_name_the_key(records_dir, tmp_path):
         train.train(tiny_config(records_dir, **{"mesh.data": 3, "mesh.devices": -1}), str(tmp_path / "m"))
     with pytest.raises(train.TrainError, match="config.data.batch_size"):
         train.train(tiny_config(records_dir, **{"data.batch_size": 3, "mesh.devices": 2}), str(tmp_path / "b"))
+    with pytest.raises(train.TrainError, match="config.diffusion: center must be one of .*, got 'middle'"):
+        train.train(tiny_config(records_dir, **{"diffusion.center": "middle"}), str(tmp_path / "c"))
 
 
 def test_missing_weights_path_names_the_key(records_dir, tmp_path):

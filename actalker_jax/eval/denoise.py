@@ -71,11 +71,12 @@ def run_denoise(loaded, *, sigmas=(0.2, 1.0, 5.0), batch_size: int = 4, split: s
     def predict(sigma, audio, expression, pose):
         sigma = jnp.full((batch_size,), sigma, jnp.float32)
         noisy, _ = diffusion.add_noise(jax.random.key(seed), x0, sigma, edm)
-        sample, timestep = diffusion.model_inputs(noisy, batch["ref_latent"], sigma)
+        prior = diffusion.data_prior(batch["ref_latent"], edm)
+        sample, timestep = diffusion.model_inputs(noisy, batch["ref_latent"], sigma, prior)
         conditions = {**true_conditions, "audio": audio, "expression": expression, "pose": pose}
         output = loaded.model(sample, timestep, batch["added_time_ids"], conditions, jnp.ones((batch_size, 2)),
                               mask_audio=batch["mask_audio"], mask_motion=batch["mask_motion"])
-        return diffusion.denoised(output, noisy, sigma)
+        return diffusion.denoised(output, noisy, sigma, prior)
 
     def mean_square(difference, region):
         return float(jnp.sum(region * difference ** 2) / jnp.sum(region * jnp.ones_like(difference)))

@@ -112,7 +112,8 @@ def run_reach(loaded, *, sigma: float = 1.0, batch_size: int = 2, split: str = "
     config, batch, edm = probe_batch(loaded, batch_size, split)
     sigmas = jnp.full((batch_size,), sigma, jnp.float32)
     noisy, _ = diffusion.add_noise(jax.random.key(seed), batch["latents"] * edm.latent_scale, sigmas, edm)
-    sample, timestep = diffusion.model_inputs(noisy, batch["ref_latent"], sigmas)
+    sample, timestep = diffusion.model_inputs(noisy, batch["ref_latent"], sigmas,
+                                              diffusion.data_prior(batch["ref_latent"], edm))
     conditions = record_conditions(batch, face_box_scale(config))
     calls = record_pcm_inputs(loaded.model, sample, timestep, batch["added_time_ids"], conditions,
                               jnp.ones((batch_size, 2)), mask_audio=batch["mask_audio"],
