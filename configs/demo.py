@@ -6,19 +6,26 @@ Generates 64 synthetic 32x32 clips of 25 frames into WORKDIR/synthetic (mouth dr
 eyes/brows/yaw by an independent motion signal), encodes them with the exact pixel-unshuffle autoencoder (factor 2:
 16x16x12 latents), and trains the tiny ACTalker model (widths 32/64, GroupNorm with 8 groups, PCM in the
 cross-attention blocks, IP-adapters, condition encoders) with the paper's EDM objective, gate sampling and condition
-dropout, and an EMA (0.99) of the weights, on 2 CPU cores: 500 steps at 0.75 s, 8 min 35 s for the whole command.
-Checkpoints in WORKDIR/checkpoints; re-running resumes.
+dropout, and an EMA (0.99) of the weights, on 2 CPU cores: 500 steps at 0.58-0.75 s, 7-9 minutes for the whole
+command (7 min 05 s measured on 2026-12-04). Checkpoints in WORKDIR/checkpoints; re-running resumes.
+One change from SVD's recipe, because the demo starts from scratch where ACTalker starts from a pretrained SVD: the
+EDM preconditioning assumes the frames are spread (sigma_data 0.15) around the reference latent (`diffusion.center=
+"reference"`, ours) instead of SVD's mean 0 and std 1, so the untrained model already predicts the reference and its
+steps go to how the frames differ from it; and it samples with audio guidance 3.0 (spec 7.5).
 
 What it reaches (python -m actalker_jax.evaluate control --workdir runs/demo --num-clips 4 --steps 10): the audio
-drives the mouth (mouth-audio correlation 0.91 / 0.91 in the audio-only / both modes, leaks <= ~0.16), the motion
-does not yet drive the eyes or the yaw (correlations within +-0.2, i.e. none). The motion arrives later: with
-`--config.total_steps=6000` the checkpoint at step 4500 (~56 minutes) has yaw 0.96 / 0.85 and eyes 0.61 / 0.56
-(motion-only / both), mouth 0.90 / 0.88; at step 6000 (~75 minutes) yaw 0.96 / 0.84, eyes 0.71 / 0.64, mouth
-0.91 / 0.91, but the motion opens the mouth a little in motion-only mode (mouth leak 0.40). Resumed from there with
-`--config.total_steps=10000` (a warm restart), step 10000 (~2.5 hours in all) has eyes 0.87 / 0.84, yaw 0.90 / 0.66,
-mouth 0.96 / 0.95, mouth leak 0.28 (8 clips). The curve vs steps, the ablations, why the motion lags:
-docs/benchmarks.md ("Control vs training steps", "Why the motion is not learned yet", "Larger synthetic eyes", "Where
-the motion condition reaches", "Past the 6000-step schedule").
+drives the mouth (mouth-audio correlation 0.93 / 0.93 in the audio-only / both modes), the motion drives the head's
+yaw (0.62 / 0.51, motion-only / both) but not yet the eyes (0.27 / 0.08); leaks: the mouth opens in motion-only mode
+(0.42), the eyes / yaw in audio-only mode correlate 0.31 / -0.22 with the audio; static PSNR 26.7 dB. With
+`--config.total_steps=1000` (~12 minutes) the yaw reaches 0.87 / 0.88 and the mouth 0.94 / 0.92; the eyes still do
+not follow (0.18 / 0.02). With SVD's prior (`--config.diffusion.center=zero --config.diffusion.sigma_data=1.0
+--config.diffusion.guidance_audio=7.5`, the demo until 2026-12-03) 500 steps give the mouth (0.91 / 0.91) but no
+motion control and a static PSNR of 14 dB; the motion arrives after thousands of steps: with
+`--config.total_steps=6000` yaw 0.96 / 0.85 and eyes 0.61 / 0.56 at step 4500 (~56 minutes), and resumed with
+`--config.total_steps=10000` (a warm restart) eyes 0.87 / 0.84, yaw 0.90 / 0.66, mouth 0.96 / 0.95, mouth leak 0.28 at
+step 10000 (~2.5 hours in all, 8 clips). The curve vs steps, the ablations, why the motion lags: docs/benchmarks.md
+("Control vs training steps", "Why the motion is not learned yet", "Past the 6000-step schedule", "A data prior around
+the reference").
 
 Why 32x32 and factor 2: the UNet's first level is 32 channels wide, and it cannot carry 48 latent channels
 (64x64 at factor 4) through it: on one fixed batch at sigma = 1 the x0 error fell to 0.098 in 150 Adam steps
