@@ -12,7 +12,9 @@
 | both_ends     | research variant, not an ablation: PCM condition tokens at both ends of each scan   |
 
 What they reach at 500 steps: the ablation table in docs/benchmarks.md ("Control vs training steps"), with its
-commands.
+commands. That table was measured on the demo of its date, with SVD's EDM prior; the demo now trains around the
+reference (docs/benchmarks.md, "A data prior around the reference"). To rerun an ablation on that base, add
+`--config.diffusion.center=zero --config.diffusion.sigma_data=1.0 --config.diffusion.guidance_audio=7.5`.
 """
 
 import importlib.util
