@@ -145,10 +145,10 @@ def expand_sigma(sigma: jax.Array, ndim: int) -> jax.Array:
 def preconditioning(sigma: jax.Array, sigma_data: jax.Array = 1.0) -> Preconditioning:
     """σ (any shape), σ_data (scalar; 1 = SVD) -> (c_skip, c_out, c_in, c_noise), float32, shaped like σ."""
     sigma = jnp.asarray(sigma, jnp.float32)
-    var_data = jnp.asarray(sigma_data, jnp.float32) ** 2
-    norm = jnp.sqrt(sigma**2 + var_data)
-    return Preconditioning(c_skip=var_data / (sigma**2 + var_data), c_out=-sigma * jnp.sqrt(var_data) / norm,
-                           c_in=1.0 / norm, c_noise=0.25 * jnp.log(sigma))
+    std = jnp.asarray(sigma_data, jnp.float32)
+    norm = jnp.sqrt(sigma**2 + std**2)
+    return Preconditioning(c_skip=std**2 / norm**2, c_out=-sigma * std / norm, c_in=1.0 / norm,
+                           c_noise=0.25 * jnp.log(sigma))
 
 
 def denoised(model_output: jax.Array, x: jax.Array, sigma: jax.Array, prior: DataPrior = SPEC_PRIOR) -> jax.Array:
@@ -198,8 +198,8 @@ def add_noise(key: jax.Array, x0: jax.Array, sigma: jax.Array, config: EDMConfig
 def loss_weight(sigma: jax.Array, sigma_data: jax.Array = 1.0) -> jax.Array:
     """EDM x̂0-loss weight (σ²+σ_d²)/(σ·σ_d)² ((σ²+1)/σ² for SVD), shaped like σ."""
     sigma = jnp.asarray(sigma, jnp.float32)
-    var_data = jnp.asarray(sigma_data, jnp.float32) ** 2
-    return (sigma**2 + var_data) / (sigma**2 * var_data)
+    std = jnp.asarray(sigma_data, jnp.float32)
+    return (sigma**2 + std**2) / (sigma * std) ** 2
 
 
 def denoising_loss(model_output: jax.Array, x_noisy: jax.Array, x0: jax.Array, sigma: jax.Array,
