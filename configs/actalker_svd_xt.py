@@ -14,8 +14,10 @@ Mesh: FSDP over every device (parameters, gradients and AdamW moments sharded), 
 `data.batch_size` is per process: 8 = one host of 8 GPUs, 1 clip each.
 
 What it reaches: the released model (official checkpoint step 136k) after ~136k steps on 7-8 GPUs; we
-have not trained it (no cluster). Step time, MFU and memory on one H100: docs/benchmarks.md
-(`python -m actalker_jax.bench.train --config configs/actalker_svd_xt.py --config.data.batch_size=1`).
+have not trained it (no cluster). Step time, MFU and memory on one GPU: not measured yet; the one attempt (H200,
+2026-12-04) did not finish compiling the step in 6 minutes (docs/benchmarks.md, "Training step on one GPU"):
+`python -m actalker_jax.bench.train --config configs/actalker_svd_xt.py --frames 14 --config.data.batch_size=1
+--config.mesh.devices=1 --init host`.
 """
 
 import ml_collections

@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # GPU measurement batch for a lent H100/H200 (device tool): correctness first, then timings.
-#   bash scripts/gpu_suite.sh scan|scantest|sweep|unet|pcm|train|finetune|train25|trainhost|demo ...   (sections to run; default: scan unet pcm)
+#   bash scripts/gpu_suite.sh scan|scantest|sweep|unet|pcm|train|finetune|train25|trainhost|demo|mfu ...   (sections to run; default: scan unet pcm)
 # Logs go to $OUT (or ./gpu_out): summary.log (tails) and full.log. Each step has its own timeout so one failure does not stop the rest.
 # Numbers belong in docs/benchmarks.md with date, device, jax version and the command.
 set -u
 OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
-export JAX_PLATFORMS=cuda PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_MEM_FRACTION=0.92
+export JAX_PLATFORMS=${JAX_PLATFORMS:-cuda} PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_MEM_FRACTION=0.92
 if [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH=/tmp/site
@@ -20,7 +20,8 @@ step() {  # step NAME TIMEOUT_S COMMAND...
   local t0=$SECONDS
   timeout "$limit" "$@" >"$OUT/step.log" 2>&1; local rc=$?
   { echo "=== $name"; cat "$OUT/step.log"; } >>"$OUT/full.log"
-  grep -v "cuda_timer.cc" "$OUT/step.log" | tail -n 25 | tee -a "$OUT/summary.log"; rm -f "$OUT/step.log"
+  grep -v -e "cuda_timer.cc" -e "Compiling jit(" "$OUT/step.log" | cut -c1-400 | tail -n 25 | tee -a "$OUT/summary.log"
+  rm -f "$OUT/step.log"
   echo "--- $name rc=$rc ($((SECONDS - t0)) s)" | tee -a "$OUT/summary.log"
 }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/summary.log"
@@ -89,6 +90,23 @@ for section in $sections; do
       step train_full_14 ${TRAIN_LIMIT_S:-420} python3 -m actalker_jax.bench.train --config configs/actalker_svd_xt.py \
         --frames 14 --config.data.batch_size=1 --config.mesh.devices=1 --steps 3 --warmup 1 --init host
       unset JAX_LOG_COMPILES ;;
+    mfu)  # issue 7's measurement in one call: the SVD-xt + PCM training step at 14 frames 512x512 (host init, full
+      # remat, no gradient accumulation: every step applies AdamW), then 25 frames with the time left (MFU_BUDGET_S
+      # for the section); the xla scan instead if the first run failed (not timed out). JAX logs the trace, lowering
+      # and XLA compile times. MFU_XLA_FLAGS (default: cuBLAS for every GEMM, no Triton GEMM autotuning) goes to
+      # XLA_FLAGS: the 2026-12-04 H200 run (XLA defaults) did not finish compiling the step in 359 s.
+      budget=${MFU_BUDGET_S:-560} t0=$SECONDS config=${MFU_CONFIG:-configs/actalker_svd_xt.py} image=${MFU_IMAGE:-512}
+      export JAX_LOG_COMPILES=1 XLA_FLAGS="${MFU_XLA_FLAGS---xla_gpu_enable_triton_gemm=false}"
+      echo "XLA_FLAGS=$XLA_FLAGS" | tee -a "$OUT/summary.log"
+      bench="python3 -m actalker_jax.bench.train --config $config --image $image --config.data.batch_size=1 --config.mesh.devices=1 --config.optim.grad_accum=1 --steps 3 --warmup 1 --init host"
+      step train_full_14 $((budget - 20)) $bench --frames 14; rc14=$(tail -n 1 "$OUT/summary.log" | sed 's/.*rc=\([0-9]*\).*/\1/')
+      left=$((budget - (SECONDS - t0)))
+      if [ "$rc14" = 0 ] && [ $left -gt 120 ]; then
+        step train_full_25 $left $bench --frames 25
+      elif [ "$rc14" != 0 ] && [ "$rc14" != 124 ] && [ $left -gt 120 ]; then
+        step train_full_14_xla_scan $left $bench --frames 14 --config.model.pcm.scan_impl=xla
+      fi
+      unset JAX_LOG_COMPILES XLA_FLAGS ;;
     *) echo "unknown section $section" ;;
   esac
 done

@@ -107,8 +107,9 @@ def to_jax(arrays, dtype=jnp.float32):
     return {k: None if v is None else jnp.asarray(v, dtype) for k, v in arrays.items()}
 
 
-def run_jax(impl, arrays, mask, g, *, softplus=True, reverse=False):
-    """(y, grads dict) of selective_scan(impl) for cotangent g, under jit."""
+def run_jax(impl, arrays, mask, g, *, softplus=True, reverse=False, options=None):
+    """(y, grads dict) of selective_scan(impl) for cotangent g, under jit (options: OPTIONS[impl] unless given)."""
+    options = OPTIONS[impl] if options is None else options
     names = [k for k in GRAD_NAMES if arrays[k] is not None]
     mask = None if mask is None else jnp.asarray(mask)
 
@@ -117,7 +118,7 @@ def run_jax(impl, arrays, mask, g, *, softplus=True, reverse=False):
         def scan(diff):
             return selective_scan(
                 **{**{k: None for k in GRAD_NAMES}, **diff},
-                delta_softplus=softplus, mask=mask, reverse=reverse, impl=impl, options=OPTIONS[impl],
+                delta_softplus=softplus, mask=mask, reverse=reverse, impl=impl, options=options,
             )
 
         y, vjp = jax.vjp(scan, diff)
@@ -195,6 +196,22 @@ def test_matches_float64_recurrence(impl, case):
             assert np.max(np.abs(value)) == 0.0, name
         else:
             assert rel_err(value, grads_ref[name]) <= 1e-4, name
+
+
+def test_pallas_default_tiles_match_float64_recurrence():
+    """The kernels' default tiles (pallas.DEFAULTS: 64-channel forward tile, 32-channel backward tile, the tuned
+    values of the H200 sweep) over D = 96 channels (a ragged gcd-reduced tile) and a short chunk."""
+    from actalker_jax.kernels.selective_scan.pallas import DEFAULTS
+    arrays, mask, g = make_inputs(5, batch=2, length=40, dim=96, nstate=4, mask="random")
+    args = np_args(arrays, mask, True, True)
+    y_ref, _ = np_scan(*args)
+    grads_ref = np_scan_grads(*args, g)
+    options = {**DEFAULTS, "chunk": 16}
+    assert options["block_d_bwd"] == 32 and options["block_d"] == 64
+    y, grads = run_jax("pallas", to_jax(arrays), mask, g, reverse=True, options=options)
+    assert rel_err(y, y_ref) <= 1e-4
+    for name, value in grads.items():
+        assert rel_err(value, grads_ref[name]) <= 1e-4, name
 
 
 @pytest.mark.parametrize("impl", IMPLS)

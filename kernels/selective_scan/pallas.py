@@ -53,7 +53,7 @@ from actalker_jax.kernels.selective_scan import common
 _LOG2E = math.log2(math.e)
 _F32 = jnp.float32
 
-DEFAULTS = dict(block_d=64, sub=8, block_d_bwd=8, sub_bwd=8, chunk=1024, num_warps=1)
+DEFAULTS = dict(block_d=64, sub=8, block_d_bwd=32, sub_bwd=8, chunk=1024, num_warps=1)
 
 _TritonParams = getattr(plgpu, "CompilerParams", None) or getattr(plgpu, "TritonCompilerParams")
 
