@@ -14,11 +14,11 @@ fi
 # setup.py installs it (as actalker_jax.kernels) and import the package from the tree.
 [ -e actalker_jax/kernels ] || ln -s ../kernels actalker_jax/kernels
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-step() {  # step NAME TIMEOUT_S COMMAND...
+step() {  # step NAME TIMEOUT_S COMMAND...   (exit status in STEP_RC)
   local name=$1 limit=$2; shift 2
   echo "=== $name: $*" | tee -a "$OUT/summary.log"
   local t0=$SECONDS
-  timeout "$limit" "$@" >"$OUT/step.log" 2>&1; local rc=$?
+  timeout "$limit" "$@" >"$OUT/step.log" 2>&1; local rc=$?; STEP_RC=$rc
   { echo "=== $name"; cat "$OUT/step.log"; } >>"$OUT/full.log"
   grep -v -e "cuda_timer.cc" -e "Compiling jit(" "$OUT/step.log" | cut -c1-400 | tail -n 25 | tee -a "$OUT/summary.log"
   rm -f "$OUT/step.log"
@@ -99,7 +99,7 @@ for section in $sections; do
       export JAX_LOG_COMPILES=1 XLA_FLAGS="${MFU_XLA_FLAGS---xla_gpu_enable_triton_gemm=false}"
       echo "XLA_FLAGS=$XLA_FLAGS" | tee -a "$OUT/summary.log"
       bench="python3 -m actalker_jax.bench.train --config $config --image $image --config.data.batch_size=1 --config.mesh.devices=1 --config.optim.grad_accum=1 --steps 3 --warmup 1 --init host"
-      step train_full_14 $((budget - 20)) $bench --frames 14; rc14=$(tail -n 1 "$OUT/summary.log" | sed 's/.*rc=\([0-9]*\).*/\1/')
+      step train_full_14 $((budget - 20)) $bench --frames 14; rc14=$STEP_RC
       left=$((budget - (SECONDS - t0)))
       if [ "$rc14" = 0 ] && [ $left -gt 120 ]; then
         step train_full_25 $left $bench --frames 25

@@ -50,7 +50,7 @@ def host_random_state(trainer, seed: int = 0) -> dict:
             return jax.device_put(jax.random.key(seed), sharding)  # train.py's state key: the default impl
         top = getattr(path[0], "key", None)
         if top in ("params", "ema") and jax.numpy.issubdtype(spec.dtype, jax.numpy.floating):
-            value = np.resize(pool[rng.integers(pool.size // 2):], spec.shape).astype(spec.dtype)
+            value = np.resize(pool[rng.integers(pool.size // 2):], spec.shape).astype(spec.dtype, copy=False)
         else:
             value = np.zeros(spec.shape, spec.dtype)
         return jax.device_put(value, sharding)
