@@ -68,8 +68,8 @@ def h100_floor_s(batch, length, dim, nstate, itemsize):
     )
 
 
-def make_inputs(shape, dtype, seed=0):
-    """Scan inputs (dict of arrays), a kept-token mask and an output cotangent."""
+def make_inputs(shape, dtype, seed=0, keep=0.9):
+    """Scan inputs (dict of arrays), a kept-token mask (each token kept with probability `keep`), a cotangent."""
     batch, length, dim, nstate = shape
     keys = jax.random.split(jax.random.PRNGKey(seed), 9)
     seq = lambda k: jax.random.normal(k, (batch, length, dim), jnp.float32).astype(dtype)
@@ -83,7 +83,7 @@ def make_inputs(shape, dtype, seed=0):
         z=seq(keys[6]),
         delta_bias=0.5 * jax.random.normal(keys[7], (dim,)),
     )
-    mask = jax.random.uniform(keys[8], (batch, length)) < 0.9
+    mask = jax.random.uniform(keys[8], (batch, length)) < keep
     return arrays, mask, seq(jax.random.fold_in(keys[0], 1))
 
 
@@ -100,8 +100,8 @@ def build(impl, options):
     return jax.jit(forward), jax.jit(forward_backward)
 
 
-def bench(impl, shape, dtype, options, warmup, iters):
-    arrays, mask, g = make_inputs(shape, dtype)
+def bench(impl, shape, dtype, options, warmup, iters, keep=0.9):
+    arrays, mask, g = make_inputs(shape, dtype, keep=keep)
     forward, forward_backward = build(impl, options)
     fwd_ms = median_ms(forward, (arrays, mask), warmup, iters)
     fb_ms = median_ms(forward_backward, (arrays, mask, g), warmup, iters)
@@ -123,9 +123,9 @@ def rel_err(x, ref):
     return float(np.max(np.abs(x - ref)) / max(np.max(np.abs(ref)), 1e-30))
 
 
-def check(impl, shape, options):
+def check(impl, shape, options, keep=0.9):
     """Errors of `impl` against impl="reference" (float32) and of bfloat16 inputs against float32; True if all pass."""
-    arrays, mask, g = make_inputs(shape, jnp.float32)
+    arrays, mask, g = make_inputs(shape, jnp.float32, keep=keep)
     _, ref_fb = build("reference", None)
     _, fb = build(impl, options)
     y_ref, grads_ref = ref_fb(arrays, mask, g)
@@ -226,6 +226,8 @@ def main(argv=None):
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--keep", type=float, default=0.9,
+                        help="fraction of tokens the mask keeps (a PCM region: the CPU demo's mouth keeps 0.1)")
     parser.add_argument("--check", action="store_true", help="compare with impl='reference' instead of timing")
     parser.add_argument("--triton-report", action="store_true", help="ptxas registers/spills of the pallas kernels")
     parser.add_argument("--chunk-size", type=int, help="xla: tokens per chunk")
@@ -255,7 +257,7 @@ def main(argv=None):
     shape = SHAPES[args.shape]
     dtype = jnp.dtype(args.dtype)
     device = jax.devices()[0]
-    print(f"selective scan, shape {args.shape} (batch, L, D, N) = {shape}, {dtype.name} I/O, "
+    print(f"selective scan, shape {args.shape} (batch, L, D, N) = {shape}, {dtype.name} I/O, mask keeps {args.keep}, "
           f"{device.platform} ({device.device_kind}), jax {jax.__version__}")
     if "pallas" in impls and not on_gpu:
         print("note: pallas runs in interpret mode off GPU; its times say nothing about the kernel")
@@ -268,14 +270,15 @@ def main(argv=None):
         ok = True
         for impl in impls:
             print(f"{impl} vs reference:")
-            ok &= check(impl, shape, {k: v for k, v in knobs.get(impl, {}).items() if v is not None} or None)
+            ok &= check(impl, shape, {k: v for k, v in knobs.get(impl, {}).items() if v is not None} or None,
+                        args.keep)
         print("PASS" if ok else "FAIL")
         return 0 if ok else 1
 
     results = {}
     for impl in impls:
         options = {k: v for k, v in knobs.get(impl, {}).items() if v is not None} or None
-        r = results[impl] = bench(impl, shape, dtype, options, args.warmup, args.iters)
+        r = results[impl] = bench(impl, shape, dtype, options, args.warmup, args.iters, args.keep)
         print(
             f"{impl:10s} fwd {r['fwd_ms']:9.3f} ms ({r['fwd_gbs']:7.1f} GB/s, "
             f"{r['fwd_ms'] / r['floor_fwd_ms']:8.1f}x H100 floor {r['floor_fwd_ms']:.3f} ms)   "

@@ -1,16 +1,18 @@
-"""Token-by-token selective scan with a hand-written token-by-token adjoint (small shapes, CPU).
+"""Token-by-token selective scan over the kept tokens only, with a hand-written token-by-token adjoint (CPU).
 
-The forward pass is the reference recurrence (a `lax.scan` over tokens whose body keeps the (batch, D, N)
-state in cache) that also emits every state; the backward pass is one `lax.scan` over the tokens in the
-opposite order that carries the adjoint state mu_t = dL/dh_t,
+The forward pass moves each sequence's kept tokens to its front (in order: a stable sort of the mask) and runs the
+reference recurrence over the first `count` of them, `count` being the most kept tokens of any sequence: a
+`fori_loop` with a dynamic trip count whose body keeps the (batch, D, N) state in cache and stores every state.
+Masked tokens are transparent (dt = 0) and output 0, so skipping them is exact, and a PCM branch's region (the
+mouth: 20 of the CPU demo's 261 tokens) costs what its tokens cost, not what the frame's do. The backward pass is one
+loop over the same tokens in the opposite order that carries the adjoint state mu_t = dL/dh_t,
 
     mu_t = g_t C_t + a_{t+1} mu_{t+1},   a_t = exp(dt_t A),
 
-and emits each token's gradients from mu_t, h_t and h_{t-1}. JAX's own derivative of the reference scan
-does the same work with more, smaller operations per token: at the CPU demo's PCM shape (16 sequences
-of 261 tokens, D = 64, N = 16) forward + backward takes 0.64x its time (docs/benchmarks.md). It stores
-every state, a (L, batch, D, N) float32 tensor, like the reference under `jax.grad`: use "xla" (chunked
-rematerialisation) or "pallas" for long sequences.
+and writes each token's gradients from mu_t, h_t and h_{t-1}; the gradients go back to the tokens' places.
+JAX's own derivative of the reference scan does the same work with more, smaller operations per token, over every
+token. It stores every state, an (L + 1, batch, D, N) float32 tensor, like the reference under `jax.grad`: use
+"xla" (chunked rematerialisation) or "pallas" for long sequences.
 """
 import functools
 
@@ -21,30 +23,58 @@ from jax import lax
 from actalker_jax.kernels.selective_scan import common
 
 
-def _token_major(x):
-    """(batch, L, ...) -> (L, batch, ...) float32."""
-    return jnp.swapaxes(x, 0, 1).astype(jnp.float32)
+def _compact(mask):
+    """(order, count): each row's kept tokens first, in order ((batch, L) indices), and the most kept tokens of a row."""
+    order = jnp.argsort(jnp.logical_not(mask), axis=1, stable=True)
+    return order, jnp.max(jnp.sum(mask, axis=1, dtype=jnp.int32))
+
+
+def _gather_token_major(x, order):
+    """(batch, L, ...) -> (L, batch, ...) float32, tokens taken in `order`."""
+    index = order.reshape(order.shape + (1,) * (x.ndim - 2))
+    return jnp.swapaxes(jnp.take_along_axis(x, index, axis=1), 0, 1).astype(jnp.float32)
+
+
+def _scatter_batch_major(x, order):
+    """Inverse of `_gather_token_major`: (L, batch, ...) -> (batch, L, ...) with each token back at its place."""
+    inverse = jnp.argsort(order, axis=1)
+    return jnp.take_along_axis(jnp.swapaxes(x, 0, 1), inverse.reshape(inverse.shape + (1,) * (x.ndim - 2)), axis=1)
+
+
+def _token(count, reverse):
+    """The token the i-th loop iteration of a scan over `count` compacted tokens visits."""
+    return (lambda i: count - 1 - i) if reverse else (lambda i: i)
 
 
 def _forward(delta_softplus, reverse, u, delta, A, B, C, D, z, delta_bias, mask):
     dt = common.step_size(delta, delta_bias, mask[..., None], delta_softplus)
+    order, count = _compact(mask)
+    dt_c, u_c, b_c, c_c = (_gather_token_major(x, order) for x in (dt, u, B, C))
+    token = _token(count, reverse)
+    # states[t + offset] = h_t and states[t + 1 - offset] = h_{t-1} (the state before token t, 0 at the scan's start):
+    # the slot past the last visited token is never written.
+    offset = 0 if reverse else 1
+    length, batch = u_c.shape[:2]
 
-    def step(h, x):
-        dt_t, u_t, b_t, c_t = x
-        h = common.next_state(h, dt_t, u_t, b_t, A)
-        return h, (jnp.einsum("bdn,bn->bd", h, c_t), h)
+    def body(i, carry):
+        h, ys, states = carry
+        t = token(i)
+        h = common.next_state(h, dt_c[t], u_c[t], b_c[t], A)
+        return h, ys.at[t].set(jnp.einsum("bdn,bn->bd", h, c_c[t])), states.at[t + offset].set(h)
 
-    h0 = jnp.zeros((u.shape[0], u.shape[2], A.shape[1]), jnp.float32)
-    _, (y, states) = lax.scan(step, h0, tuple(map(_token_major, (dt, u, B, C))), reverse=reverse)
-    y = jnp.where(mask[..., None], jnp.swapaxes(y, 0, 1) + D * u.astype(jnp.float32), 0.0)
-    residuals = (u, delta, A, B, C, D, z, delta_bias, mask, dt, states, None if z is None else y)
+    init = (jnp.zeros((batch, u.shape[2], A.shape[1]), jnp.float32), jnp.zeros(u_c.shape, jnp.float32),
+            jnp.zeros((length + 1, batch, u.shape[2], A.shape[1]), jnp.float32))
+    _, ys, states = lax.fori_loop(0, count, body, init)
+    y = jnp.where(mask[..., None], _scatter_batch_major(ys, order) + D * u.astype(jnp.float32), 0.0)
+    residuals = (u, delta, A, B, C, D, z, delta_bias, mask, order, count, dt_c, u_c, b_c, c_c, states,
+                 None if z is None else y)
     if z is not None:
         y = y * common.silu_and_grad(z)[0]
     return y.astype(u.dtype), residuals
 
 
 def _backward(delta_softplus, reverse, residuals, g):
-    u, delta, A, B, C, D, z, delta_bias, mask, dt, states, y = residuals
+    u, delta, A, B, C, D, z, delta_bias, mask, order, count, dt_c, u_c, b_c, c_c, states, y = residuals
     valid = mask[..., None]
     gy = g.astype(jnp.float32)
     dz = None
@@ -53,25 +83,30 @@ def _backward(delta_softplus, reverse, residuals, g):
         dz = (gy * y * dsilu).astype(z.dtype)
         gy = gy * silu
     gy = jnp.where(valid, gy, 0.0)
-    zero = jnp.zeros_like(states[:1])
-    previous = jnp.concatenate([states[1:], zero]) if reverse else jnp.concatenate([zero, states[:-1]])
+    g_c = _gather_token_major(gy, order)
+    token = _token(count, not reverse)
+    offset = 0 if reverse else 1
 
-    def step(carry, x):
-        a_mu, dA = carry  # a_{t+1} mu_{t+1}, the running dL/dA
-        dt_t, u_t, b_t, c_t, g_t, h_t, h_prev = x
+    def body(i, carry):
+        a_mu, dA, ddt, du, dB, dC = carry  # a_{t+1} mu_{t+1}, the running dL/dA, per-token gradients
+        t = token(i)
+        dt_t, u_t, b_t, c_t, g_t = dt_c[t], u_c[t], b_c[t], c_c[t], g_c[t]
+        h_t, h_prev = states[t + offset], states[t + 1 - offset]
         a_t = jnp.exp(dt_t[..., None] * A)
         mu = a_mu + g_t[..., None] * c_t[:, None, :]
         mu_b = jnp.einsum("bdn,bn->bd", mu, b_t)
         mu_ah = mu * a_t * h_prev
-        ddt = jnp.einsum("bdn,dn->bd", mu_ah, A) + u_t * mu_b
-        dB = jnp.einsum("bdn,bd->bn", mu, dt_t * u_t)
-        dC = jnp.einsum("bdn,bd->bn", h_t, g_t)
-        return (a_t * mu, dA + jnp.einsum("bdn,bd->dn", mu_ah, dt_t)), (ddt, dt_t * mu_b, dB, dC)
+        ddt = ddt.at[t].set(jnp.einsum("bdn,dn->bd", mu_ah, A) + u_t * mu_b)
+        du = du.at[t].set(dt_t * mu_b)
+        dB = dB.at[t].set(jnp.einsum("bdn,bd->bn", mu, dt_t * u_t))
+        dC = dC.at[t].set(jnp.einsum("bdn,bd->bn", h_t, g_t))
+        return a_t * mu, dA + jnp.einsum("bdn,bd->dn", mu_ah, dt_t), ddt, du, dB, dC
 
-    init = (jnp.zeros(states.shape[1:], jnp.float32), jnp.zeros(A.shape, jnp.float32))
-    xs = tuple(map(_token_major, (dt, u, B, C, gy))) + (states, previous)
-    (_, dA), per_token = lax.scan(step, init, xs, reverse=not reverse)
-    ddt, du, dB, dC = (jnp.swapaxes(x, 0, 1) for x in per_token)
+    init = (jnp.zeros(states.shape[1:], jnp.float32), jnp.zeros(A.shape, jnp.float32),
+            jnp.zeros(u_c.shape, jnp.float32), jnp.zeros(u_c.shape, jnp.float32),
+            jnp.zeros(b_c.shape, jnp.float32), jnp.zeros(c_c.shape, jnp.float32))
+    _, dA, ddt, du, dB, dC = lax.fori_loop(0, count, body, init)
+    ddt, du, dB, dC = (_scatter_batch_major(x, order) for x in (ddt, du, dB, dC))
     ddelta = common.step_size_vjp(ddt, delta, delta_bias, valid, delta_softplus)
     du = du + gy * D
     return (du.astype(u.dtype), ddelta.astype(delta.dtype), dA, dB.astype(B.dtype), dC.astype(C.dtype),
