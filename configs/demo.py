@@ -1,32 +1,32 @@
 """CPU demo: ACTalker on synthetic talking faces (tiny UNet with PCM), from scratch.
 
-    python -m actalker_jax.train --config configs/demo.py --workdir runs/demo
+    GLIBC_TUNABLES=glibc.malloc.hugetlb=1 python -m actalker_jax.train --config configs/demo.py --workdir runs/demo
 
+(GLIBC_TUNABLES: huge pages for XLA's CPU buffers, 0.77x the step time; glibc < 2.35 ignores it.)
 Generates 64 synthetic 32x32 clips of 25 frames into WORKDIR/synthetic (mouth driven by speech-like audio,
 eyes/brows/yaw by an independent motion signal), encodes them with the exact pixel-unshuffle autoencoder (factor 2:
 16x16x12 latents), and trains the tiny ACTalker model (widths 32/64, GroupNorm with 8 groups, PCM in the
-cross-attention blocks, IP-adapters, condition encoders) with the paper's EDM objective, gate sampling and condition
-dropout, and an EMA (0.99) of the weights, on 2 CPU cores: 500 steps at 0.58-0.75 s, 7-9 minutes for the whole
-command (7 min 05 s measured on 2026-12-04). Checkpoints in WORKDIR/checkpoints; re-running resumes.
+cross-attention blocks, IP-adapters, condition encoders) with the paper's EDM objective, gate sampling (both / audio
+only / motion only with probabilities 0.8 / 0.1 / 0.1, ours) and condition dropout, and an EMA (0.99) of the weights,
+on 2 CPU cores: 800 steps at 0.4-0.75 s (the machines vary), ~12 minutes for the whole command on a slow day (the
+1000-step schedule took 14 min 12 s on 2026-12-04, median step 0.62 s). Checkpoints in WORKDIR/checkpoints;
+re-running resumes.
 One change from SVD's recipe, because the demo starts from scratch where ACTalker starts from a pretrained SVD: the
 EDM preconditioning assumes the frames are spread (sigma_data 0.15) around the reference latent (`diffusion.center=
 "reference"`, ours) instead of SVD's mean 0 and std 1, so the untrained model already predicts the reference and its
 steps go to how the frames differ from it; and it samples with audio guidance 3.0 (spec 7.5).
 
-What it reaches (python -m actalker_jax.evaluate control --workdir runs/demo --num-clips 4 --steps 10): the audio
-drives the mouth (mouth-audio correlation 0.93 / 0.93 in the audio-only / both modes), the motion drives the head's
-yaw (0.62 / 0.51, motion-only / both) but not yet the eyes (0.27 / 0.08); leaks: the mouth opens in motion-only mode
-(0.42), the eyes / yaw in audio-only mode correlate 0.31 / -0.22 with the audio; static PSNR 26.7 dB. With
-`--config.total_steps=1000` (~12 minutes) the yaw reaches 0.87 / 0.88 and the mouth 0.94 / 0.92; the eyes still do
-not follow (0.18 / 0.02). With `--config.total_steps=3000` (~32 minutes) the eyes follow as well: eyes 0.84 / 0.75,
-yaw 0.99 / 0.99, mouth 0.95 / 0.93, motion-only mouth leak 0.33, other leaks <= 0.22. With SVD's prior (`--config.diffusion.center=zero --config.diffusion.sigma_data=1.0
---config.diffusion.guidance_audio=7.5`, the demo until 2026-12-03) 500 steps give the mouth (0.91 / 0.91) but no
-motion control and a static PSNR of 14 dB; the motion arrives after thousands of steps: with
-`--config.total_steps=6000` yaw 0.96 / 0.85 and eyes 0.61 / 0.56 at step 4500 (~56 minutes), and resumed with
-`--config.total_steps=10000` (a warm restart) eyes 0.87 / 0.84, yaw 0.90 / 0.66, mouth 0.96 / 0.95, mouth leak 0.28 at
-step 10000 (~2.5 hours in all, 8 clips). The curve vs steps, the ablations, why the motion lags: docs/benchmarks.md
-("Control vs training steps", "Why the motion is not learned yet", "Past the 6000-step schedule", "A data prior around
-the reference").
+What it reaches (python -m actalker_jax.evaluate control --workdir runs/demo --num-clips 4 --steps 10; audio-only /
+both modes for the mouth, motion-only / both for the eyes and yaw): the audio drives the mouth (0.93 / 0.91) and the
+motion the head's yaw (0.96 / 0.85), but not yet the eyes (-0.03 / -0.22); leaks: the motion-only mouth -0.24, the
+eyes / yaw in audio-only mode 0.08 / 0.01; static PSNR 27.3 dB. With `--config.total_steps=1000` (~14 minutes): yaw
+0.97 / 0.96, eyes 0.39 / 0.22, mouth 0.94 / 0.91. With the earlier gates (0.5, 0.25, 0.25) and 3000 steps (~32
+minutes) the eyes follow as well: eyes 0.84 / 0.75, yaw 0.99 / 0.99, mouth 0.95 / 0.93, motion-only mouth leak 0.33.
+With SVD's prior (`--config.diffusion.center=zero --config.diffusion.sigma_data=1.0
+--config.diffusion.guidance_audio=7.5`) the motion arrives after thousands of steps (eyes 0.87 / 0.84 at ~10000
+steps). The curve vs steps, the ablations, why the motion lags: docs/benchmarks.md ("Control vs training steps",
+"Why the motion is not learned yet", "Past the 6000-step schedule", "A data prior around the reference", "Gate
+probabilities").
 
 Why 32x32 and factor 2: the UNet's first level is 32 channels wide, and it cannot carry 48 latent channels
 (64x64 at factor 4) through it: on one fixed batch at sigma = 1 the x0 error fell to 0.098 in 150 Adam steps
@@ -41,7 +41,7 @@ from actalker_jax.data.pipeline import default_data_config
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
-    c.total_steps = 1000
+    c.total_steps = 800
     c.compute_dtype = "float32"
     c.distributed = False
 
@@ -79,9 +79,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                   # 8 GroupNorm groups: 4 / 8 channels per group at widths 32 / 64 (SVD-xt: 10 per group at 320);
                   # 32 groups would normalise each first-level channel alone (docs/benchmarks.md).
                   norm_num_groups=8),
-        # scan_impl "sequential" (lax.scan with a hand-written adjoint): the fastest on CPU at these sizes, 0.64x
-        # the reference's forward + backward time, ~4x faster than the chunked "xla" scan (docs/benchmarks.md);
-        # GPU configs use "auto" (Pallas).
+        # scan_impl "sequential" (a token loop over each branch's region tokens only, hand-written adjoint): the
+        # fastest on CPU at these sizes, 0.09-0.44x the reference's forward + backward time (10%-100% of the tokens
+        # kept), 0.07-0.30x the chunked "xla" scan's (docs/benchmarks.md); GPU configs use "auto" (Pallas).
         # condition_placement "both_ends": the research variant (models/pcm.py); "end" is the released layout.
         pcm=dict(enabled=True, scan_over="frame", residual="replace", condition_placement="end",
                  scan_impl="sequential"),
@@ -111,7 +111,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         weight_decay=1e-2, clip_norm=1.0, grad_accum=1, trainable="", frozen="", ema_decay=0.99))
 
     # TensorBoard (WORKDIR/tensorboard): scalars every 10 steps; a held-out clip sampled in each control mode
-    # (4 Euler steps: a preview, not the benchmark) at steps 500 and 1000.
+    # (4 Euler steps: a preview, not the benchmark) at steps 500 and 800.
     c.log = ml_collections.ConfigDict(dict(every_steps=10, sample_every_steps=500, sample_steps=4))
 
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, devices=-1))  # devices: -1 = all
