@@ -51,8 +51,8 @@ def _forward(delta_softplus, reverse, u, delta, A, B, C, D, z, delta_bias, mask)
     order, count = _compact(mask)
     dt_c, u_c, b_c, c_c = (_gather_token_major(x, order) for x in (dt, u, B, C))
     token = _token(count, reverse)
-    # states[t + offset] = h_t and states[t + 1 - offset] = h_{t-1} (the state before token t, 0 at the scan's start):
-    # the slot past the last visited token is never written.
+    # states[t + offset] = h_t and states[t + 1 - offset] = the state before token t in scan order; the slot before
+    # the first visited token (0 forward, `count` in reverse) is never written and stays 0.
     offset = 0 if reverse else 1
     length, batch = u_c.shape[:2]
 
