@@ -24,21 +24,25 @@ from actalker_jax.kernels.selective_scan import common
 
 
 def _compact(mask):
-    """(order, count): each row's kept tokens first, in order ((batch, L) indices), and the most kept tokens of a row."""
+    """(order, inverse, count): each row's kept tokens first, in order ((batch, L) indices), the permutation that
+    puts them back, and the most kept tokens of a row."""
     order = jnp.argsort(jnp.logical_not(mask), axis=1, stable=True)
-    return order, jnp.max(jnp.sum(mask, axis=1, dtype=jnp.int32))
+    return order, jnp.argsort(order, axis=1), jnp.max(jnp.sum(mask, axis=1, dtype=jnp.int32))
+
+
+def _take_tokens(x, index):
+    """x (batch, L, ...) with its tokens taken in `index` (batch, L)."""
+    return jnp.take_along_axis(x, index.reshape(index.shape + (1,) * (x.ndim - 2)), axis=1)
 
 
 def _gather_token_major(x, order):
     """(batch, L, ...) -> (L, batch, ...) float32, tokens taken in `order`."""
-    index = order.reshape(order.shape + (1,) * (x.ndim - 2))
-    return jnp.swapaxes(jnp.take_along_axis(x, index, axis=1), 0, 1).astype(jnp.float32)
+    return jnp.swapaxes(_take_tokens(x, order), 0, 1).astype(jnp.float32)
 
 
-def _scatter_batch_major(x, order):
-    """Inverse of `_gather_token_major`: (L, batch, ...) -> (batch, L, ...) with each token back at its place."""
-    inverse = jnp.argsort(order, axis=1)
-    return jnp.take_along_axis(jnp.swapaxes(x, 0, 1), inverse.reshape(inverse.shape + (1,) * (x.ndim - 2)), axis=1)
+def _scatter_batch_major(x, inverse):
+    """Inverse of `_gather_token_major` (given `_compact`'s inverse): (L, batch, ...) -> (batch, L, ...)."""
+    return _take_tokens(jnp.swapaxes(x, 0, 1), inverse)
 
 
 def _token(count, reverse):
@@ -46,14 +50,17 @@ def _token(count, reverse):
     return (lambda i: count - 1 - i) if reverse else (lambda i: i)
 
 
+def _state_offset(reverse):
+    """states[t + offset] = h_t and states[t + 1 - offset] = the state before token t in scan order; the slot before
+    the first visited token (0 forward, `count` in reverse) is never written and stays 0."""
+    return 0 if reverse else 1
+
+
 def _forward(delta_softplus, reverse, u, delta, A, B, C, D, z, delta_bias, mask):
     dt = common.step_size(delta, delta_bias, mask[..., None], delta_softplus)
-    order, count = _compact(mask)
+    order, inverse, count = _compact(mask)
     dt_c, u_c, b_c, c_c = (_gather_token_major(x, order) for x in (dt, u, B, C))
-    token = _token(count, reverse)
-    # states[t + offset] = h_t and states[t + 1 - offset] = the state before token t in scan order; the slot before
-    # the first visited token (0 forward, `count` in reverse) is never written and stays 0.
-    offset = 0 if reverse else 1
+    token, offset = _token(count, reverse), _state_offset(reverse)
     length, batch = u_c.shape[:2]
 
     def body(i, carry):
@@ -65,16 +72,17 @@ def _forward(delta_softplus, reverse, u, delta, A, B, C, D, z, delta_bias, mask)
     init = (jnp.zeros((batch, u.shape[2], A.shape[1]), jnp.float32), jnp.zeros(u_c.shape, jnp.float32),
             jnp.zeros((length + 1, batch, u.shape[2], A.shape[1]), jnp.float32))
     _, ys, states = lax.fori_loop(0, count, body, init)
-    y = jnp.where(mask[..., None], _scatter_batch_major(ys, order) + D * u.astype(jnp.float32), 0.0)
-    residuals = (u, delta, A, B, C, D, z, delta_bias, mask, order, count, dt_c, u_c, b_c, c_c, states,
-                 None if z is None else y)
+    y = jnp.where(mask[..., None], _scatter_batch_major(ys, inverse) + D * u.astype(jnp.float32), 0.0)
+    residuals = (u, delta, A, B, C, D, z, delta_bias, mask, order, inverse, count, dt_c, u_c, b_c, c_c,
+                 states, None if z is None else y)
     if z is not None:
         y = y * common.silu_and_grad(z)[0]
     return y.astype(u.dtype), residuals
 
 
 def _backward(delta_softplus, reverse, residuals, g):
-    u, delta, A, B, C, D, z, delta_bias, mask, order, count, dt_c, u_c, b_c, c_c, states, y = residuals
+    u, delta, A, B, C, D, z, delta_bias, mask, order, inverse, count, dt_c, u_c, b_c, c_c, states, y = (
+        residuals)
     valid = mask[..., None]
     gy = g.astype(jnp.float32)
     dz = None
@@ -84,8 +92,7 @@ def _backward(delta_softplus, reverse, residuals, g):
         gy = gy * silu
     gy = jnp.where(valid, gy, 0.0)
     g_c = _gather_token_major(gy, order)
-    token = _token(count, not reverse)
-    offset = 0 if reverse else 1
+    token, offset = _token(count, not reverse), _state_offset(reverse)
 
     def body(i, carry):
         a_mu, dA, ddt, du, dB, dC = carry  # a_{t+1} mu_{t+1}, the running dL/dA, per-token gradients
@@ -106,7 +113,7 @@ def _backward(delta_softplus, reverse, residuals, g):
             jnp.zeros(u_c.shape, jnp.float32), jnp.zeros(u_c.shape, jnp.float32),
             jnp.zeros(b_c.shape, jnp.float32), jnp.zeros(c_c.shape, jnp.float32))
     _, dA, ddt, du, dB, dC = lax.fori_loop(0, count, body, init)
-    ddt, du, dB, dC = (_scatter_batch_major(x, order) for x in (ddt, du, dB, dC))
+    ddt, du, dB, dC = (_scatter_batch_major(x, inverse) for x in (ddt, du, dB, dC))
     ddelta = common.step_size_vjp(ddt, delta, delta_bias, valid, delta_softplus)
     du = du + gy * D
     return (du.astype(u.dtype), ddelta.astype(delta.dtype), dA, dB.astype(B.dtype), dC.astype(C.dtype),
