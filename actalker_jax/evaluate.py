@@ -1,6 +1,7 @@
 """Evaluation commands.
 
     python -m actalker_jax.evaluate control --workdir DIR [--num-clips 8] [--out DIR] [--steps 25] [--seed 0]
+                                            [--guidance APPEARANCE AUDIO MOTION]
     python -m actalker_jax.evaluate video --pred DIR --ref DIR [--out DIR] [--inception PT] [--i3d PT]
                                           [--lpips PT] [--syncnet PT] [--no-dlib]
     python -m actalker_jax.evaluate denoise --workdir DIR [--sigmas 0.2,1,5] [--batch 4] [--split eval] [--out DIR]
@@ -24,7 +25,7 @@ def _control(args) -> dict:
 
     loaded = sample.load_model(args.workdir, args.weights)
     result = control.run_control(loaded, sample.generate, num_clips=args.num_clips, steps=args.steps,
-                                 seed=args.seed, out=args.out or args.workdir)
+                                 seed=args.seed, out=args.out or args.workdir, guidance=args.guidance)
     print(control.markdown_table(result), end="")
     return result
 
@@ -79,6 +80,8 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--out", default=None, help="output directory (default: the workdir)")
     c.add_argument("--steps", type=int, default=25, help="sampling steps")
     c.add_argument("--seed", type=int, default=0, help="sampling seed of the first clip (clip i: seed + i)")
+    c.add_argument("--guidance", type=float, nargs=3, metavar=("APPEARANCE", "AUDIO", "MOTION"), default=None,
+                   help="guidance scales (default: the checkpoint config's diffusion.guidance_*)")
     _weights_argument(c)
     c.set_defaults(run=_control)
     v = sub.add_parser("video", help="metrics of generated videos against reference videos")
