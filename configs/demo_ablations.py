@@ -11,16 +11,19 @@
 | fixed_gates   | both signals every step (gate_probs (1, 0, 0)) instead of sampled per sample        |
 | both_ends     | research variant, not an ablation: PCM condition tokens at both ends of each scan   |
 
-What they reach on the demo with a 1000-step schedule (add `--config.total_steps=1000`; the first place where the
-demo with its earlier gates had learned the yaw): docs/benchmarks.md, "The ablations on the current demo, 1000 steps". Without
-PCM the yaw follows the motion less (0.66 / 0.74 motion-only / both, against the demo's 0.87 / 0.88); scanning the
-whole clip brings it to 0.97 / 0.97 at a higher step cost; without mask-drop the mouth follows the audio a little
-less (0.87 / 0.86 against 0.94 / 0.92) and the yaw less (0.76 / 0.68). With fixed gates (both signals in every sample) the motion comes
-fastest (eyes 0.53 / 0.41, yaw 0.97 / 0.98) and audio-only control still works (0.93). These rows were measured when the demo
-sampled the gates with (0.5, 0.25, 0.25) (add `'--config.train.gate_probs=(0.5,0.25,0.25)'` to reproduce them); the
-demo now samples (0.8, 0.1, 0.1) (docs/benchmarks.md, "Gate probabilities"). The older table at 500 steps
-("Control vs training steps") was measured on the demo with SVD's EDM prior (rerun that base with
-`--config.diffusion.center=zero --config.diffusion.sigma_data=1.0 --config.diffusion.guidance_audio=7.5`).
+What they reach on the demo with a 1000-step schedule (add `--config.total_steps=1000`; the first place where the demo
+with its earlier gates had learned the yaw): docs/benchmarks.md, "The ablations on the current demo, 1000 steps".
+Without PCM the yaw follows the motion less (0.66 / 0.74 motion-only / both, against the demo's 0.87 / 0.88); scanning
+the whole clip brings it to 0.97 / 0.97 at a higher step cost; without mask-drop the mouth follows the audio a little
+less (0.87 / 0.86 against 0.94 / 0.92) and the yaw less (0.76 / 0.68). With fixed gates (both signals in every sample)
+the motion comes fastest (eyes 0.53 / 0.41, yaw 0.97 / 0.98) and audio-only control still works (0.93). These rows
+were measured when the demo sampled the gates with (0.5, 0.25, 0.25), trained at stride 2 and sampled with motion
+guidance 3 (add `'--config.train.gate_probs=(0.5,0.25,0.25)' --config.data.max_stride=2
+--config.diffusion.guidance_motion=3.0` to reproduce them); the demo now samples (0.8, 0.1, 0.1), trains at stride 3
+and samples with motion guidance 6 (docs/benchmarks.md, "Gate probabilities", "Training window stride"). The older
+table at 500 steps ("Control vs training steps") was measured on the demo with SVD's EDM prior (rerun that base with
+the overrides above and `--config.diffusion.center=zero --config.diffusion.sigma_data=1.0
+--config.diffusion.guidance_audio=7.5`).
 """
 
 import importlib.util
