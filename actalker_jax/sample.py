@@ -18,8 +18,9 @@ media become model inputs (config.media, see `media.py`). EMA parameters are use
 Sampler (ACTALKER_SPEC §6, math in `diffusion.py`): Karras σ from 700 to 0.002 (+ 0), deterministic Euler on
 v-prediction, start latent_scale·E(ref) + σ_0·ε; one model call per window on the 4 stacked guidance branches
 (ε0 uncond, ε1 + appearance, ε2 + audio, ε3 + motion), combined ε0 + s1(ε1−ε0) + s2(ε2−ε1) + s3(ε3−ε2) with
-(s1, s2, s3) = config.diffusion's guidance scales (2.0, 7.5, 3.0) unless `guidance` is given. Gates from the
-control: audio (1, 0), motion (0, 1), both (1, 1); masks "regions" (mouth / face minus mouth) or "official".
+(s1, s2, s3) = config.diffusion's guidance scales (spec and SVD configs 2.0, 7.5, 3.0; the demo 2.0, 3.0, 6.0) unless
+`guidance` is given. Gates from the control: audio (1, 0), motion (0, 1), both (1, 1); masks "regions" (mouth /
+face minus mouth) or "official".
 added_time_ids = [fps, 12, 20] as the released inference.
 
 Long audio: the latent buffer holds T + W frames (W = window = min(25, config.data.n_frames): 25 for SVD-xt,
@@ -396,7 +397,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="auto: the EMA of the parameters when stored, else the parameters")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--guidance", type=float, nargs=3, metavar=("APPEARANCE", "AUDIO", "MOTION"),
-                        help="guidance scales (default: the run's config.diffusion, 2.0 7.5 3.0)")
+                        help="guidance scales (default: the run's config.diffusion; spec 2.0 7.5 3.0, demo 2.0 3.0 "
+                             "6.0)")
     parser.add_argument("--masks", choices=INFERENCE_MASKS,
                         help="region masks (default: the run's config.model.inference_masks)")
     parser.add_argument("--face-box", type=float, nargs=4, metavar=("X0", "Y0", "X1", "Y1"))
