@@ -21,8 +21,9 @@ What it reaches (python -m actalker_jax.evaluate control --workdir runs/demo --n
 both modes for the mouth, motion-only / both for the eyes and yaw): the audio drives the mouth (0.95 / 0.89), the
 motion the head's yaw (0.85 / 0.82) and the eyes partly (0.64 / 0.57); leaks: the motion-only mouth 0.25, the eyes /
 yaw in audio-only mode 0.01 / -0.57 (without a motion signal the head turns away from the reference's yaw in silent
-frames and back to it when the mouth opens; the 3000-step model's -0.04); static PSNR 26.8 dB. The eyes and yaw reach >= 0.8 with longer runs: with the earlier gates (0.5, 0.25, 0.25),
-stride 2 and 3000 steps (~32 minutes) eyes 0.84 / 0.75, yaw 0.99 / 0.99 on 4 clips.
+frames and back to it when the mouth opens; the 3000-step model's -0.04); static PSNR 26.8 dB. The eyes and yaw
+reach >= 0.8 with longer runs: with the earlier gates (0.5, 0.25, 0.25), stride 2 and 3000 steps (~32 minutes)
+eyes 0.84 / 0.75, yaw 0.99 / 0.99 on 4 clips.
 With SVD's prior (`--config.diffusion.center=zero --config.diffusion.sigma_data=1.0
 --config.diffusion.guidance_audio=7.5`) the motion arrives after thousands of steps (eyes 0.87 / 0.84 at ~10000
 steps). The curve vs steps, the ablations, why the motion lags: docs/benchmarks.md ("Control vs training steps",
