@@ -18,6 +18,8 @@ of the checkpoint or (--init) of the fresh initialisation of its config: reach.j
 import argparse
 import sys
 
+from actalker_jax.cli_args import add_guidance_argument, add_weights_argument
+
 
 def _control(args) -> dict:
     from actalker_jax import sample
@@ -64,12 +66,6 @@ def _reach(args) -> dict:
     return result
 
 
-def _weights_argument(sub: argparse.ArgumentParser) -> None:
-    """--weights: which stored weights a checkpoint is evaluated with (sample.WEIGHTS)."""
-    sub.add_argument("--weights", choices=("auto", "ema", "params"), default="auto",
-                     help="auto: the EMA of the parameters when stored, else the parameters")
-
-
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m actalker_jax.evaluate", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -80,9 +76,8 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--out", default=None, help="output directory (default: the workdir)")
     c.add_argument("--steps", type=int, default=25, help="sampling steps")
     c.add_argument("--seed", type=int, default=0, help="sampling seed of the first clip (clip i: seed + i)")
-    c.add_argument("--guidance", type=float, nargs=3, metavar=("APPEARANCE", "AUDIO", "MOTION"), default=None,
-                   help="guidance scales (default: the checkpoint config's diffusion.guidance_*)")
-    _weights_argument(c)
+    add_guidance_argument(c)
+    add_weights_argument(c)
     c.set_defaults(run=_control)
     v = sub.add_parser("video", help="metrics of generated videos against reference videos")
     v.add_argument("--pred", required=True, help="directory of generated videos (mp4 with audio)")
@@ -109,9 +104,9 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--split", default="eval", choices=("eval", "train"), help="records split")
     r.add_argument("--seed", type=int, default=0, help="noise seed")
     r.add_argument("--out", default=None, help="output directory (default: the workdir)")
-    _weights_argument(d)
+    add_weights_argument(d)
     d.set_defaults(run=_denoise)
-    _weights_argument(r)
+    add_weights_argument(r)
     r.set_defaults(run=_reach)
     return p
 

@@ -48,6 +48,7 @@ import numpy as np
 from flax import nnx
 
 from actalker_jax import diffusion
+from actalker_jax.cli_args import WEIGHTS, add_guidance_argument, add_weights_argument
 from actalker_jax.data.face import FaceError
 from actalker_jax.media import Media, MediaError, resample
 from actalker_jax.models.actalker import INFERENCE_MASKS, ACTalkerModel, control_masks, face_box_image
@@ -127,9 +128,6 @@ def _step_dir(path: str) -> tuple[str, int]:
         return path, int(name) if name.isdigit() else -1
     raise InputError("checkpoint", f"{path}: neither a workdir (with checkpoints/) nor a checkpoint step directory "
                      "(with state/ and config/)")
-
-
-WEIGHTS = ("auto", "ema", "params")
 
 
 def load_model(path: str, weights: str = "auto") -> LoadedModel:
@@ -393,12 +391,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--control", required=True, choices=tuple(CONTROLS))
     parser.add_argument("--out", required=True, help="output .mp4")
     parser.add_argument("--steps", type=int, default=25)
-    parser.add_argument("--weights", choices=WEIGHTS, default="auto",
-                        help="auto: the EMA of the parameters when stored, else the parameters")
+    add_weights_argument(parser)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--guidance", type=float, nargs=3, metavar=("APPEARANCE", "AUDIO", "MOTION"),
-                        help="guidance scales (default: the run's config.diffusion; spec 2.0 7.5 3.0, demo 2.0 3.0 "
-                             "6.0)")
+    add_guidance_argument(parser)
     parser.add_argument("--masks", choices=INFERENCE_MASKS,
                         help="region masks (default: the run's config.model.inference_masks)")
     parser.add_argument("--face-box", type=float, nargs=4, metavar=("X0", "Y0", "X1", "Y1"))

@@ -1,0 +1,22 @@
+"""Command-line arguments shared by `sample` and `evaluate` (no jax import, so `evaluate --help` stays light).
+
+    add_weights_argument(parser)      # --weights {auto, ema, params}
+    add_guidance_argument(parser)     # --guidance APPEARANCE AUDIO MOTION
+"""
+
+import argparse
+
+WEIGHTS = ("auto", "ema", "params")
+
+
+def add_weights_argument(parser: argparse.ArgumentParser) -> None:
+    """--weights: which stored weights a checkpoint is used with (`sample.load_model`)."""
+    parser.add_argument("--weights", choices=WEIGHTS, default="auto",
+                        help="auto: the EMA of the parameters when stored, else the parameters")
+
+
+def add_guidance_argument(parser: argparse.ArgumentParser) -> None:
+    """--guidance: (appearance, audio, motion) scales for `sample.generate`; None: the checkpoint config's."""
+    parser.add_argument("--guidance", type=float, nargs=3, metavar=("APPEARANCE", "AUDIO", "MOTION"), default=None,
+                        help="guidance scales (default: the checkpoint config's diffusion.guidance_*; spec 2.0 7.5 "
+                             "3.0, demo 2.0 3.0 6.0)")
