@@ -2,6 +2,7 @@
 
     add_weights_argument(parser)      # --weights {auto, ema, params}
     add_guidance_argument(parser)     # --guidance APPEARANCE AUDIO MOTION
+    add_window_stride_argument(parser)  # --window-stride S
 """
 
 import argparse
@@ -20,3 +21,10 @@ def add_guidance_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--guidance", type=float, nargs=3, metavar=("APPEARANCE", "AUDIO", "MOTION"), default=None,
                         help="guidance scales (default: the checkpoint config's diffusion.guidance_*; spec 2.0 7.5 "
                              "3.0, demo 2.0 3.0 6.0)")
+
+
+def add_window_stride_argument(parser: argparse.ArgumentParser) -> None:
+    """--window-stride: output frames between a sampling window's frames for `sample.generate`; None: the config's."""
+    parser.add_argument("--window-stride", type=int, default=None, metavar="S",
+                        help="output frames between the frames of a sampling window (default: the checkpoint "
+                             "config's diffusion.window_stride; 1 = the released sampler, the demo 3)")

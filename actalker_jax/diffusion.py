@@ -32,12 +32,13 @@ Sampling loop (one window; `model` is the ACTalker model, guidance over 4 stacke
         out = model(repeat_branches(sample), repeat_branches(t), ..., **guidance_batch(B))   # (4B,F,h,w,c)
         F = guided_denoised(split_branches(out), config.guidance_scales)
         x = euler_step(x, denoised(F, x, sigmas[i], prior), sigmas[i], sigmas[i + 1])
-Long videos (`actalker_jax.sample`): the buffer of N frames is covered at step i by
-`circular_windows(N, F, window_shift(i, F))`; every window steps from the same pre-step buffer, and frames
-covered twice are averaged.
+Long videos (`actalker_jax.sample`): the buffer of N = `sampling_buffer_length(T, F, s)` frames is covered at step
+i by `circular_windows(N, F, window_shift(i, F), s)` (s = `EDMConfig.window_stride`: a window's frames are s apart);
+every window steps from the same pre-step buffer, and frames covered twice are averaged.
 """
 
 import dataclasses
+import numbers
 from typing import Any, NamedTuple
 
 import jax
@@ -56,6 +57,9 @@ class EDMConfig:
     offset per (sample, frame), shape (B,F,1,1,1), shared by h, w and the channels; True draws (B,F,1,1,c).
     center, sigma_data: the data mean ("zero": SVD, or "reference") and standard deviation the preconditioning
     assumes (module doc, `data_prior`).
+    window_stride: output frames between consecutive frames of a sampling window (`circular_windows`); the fps id
+    is then fps / window_stride. 1 (the released sampler) matches a model trained on clips at twice the output fps
+    at stride 2 (spec §5); a model trained on clips at the output fps at stride s samples with s (the demo: 3).
     """
 
     p_mean: float = 0.7
@@ -72,12 +76,16 @@ class EDMConfig:
     guidance_motion: float = 3.0
     center: str = "zero"
     sigma_data: float = 1.0
+    window_stride: int = 1
 
     def __post_init__(self):
         if self.center not in CENTERS:
             raise ValueError(f"center must be one of {CENTERS}, got {self.center!r}")
         if not self.sigma_data > 0:
             raise ValueError(f"sigma_data must be positive, got {self.sigma_data!r}")
+        stride = self.window_stride
+        if isinstance(stride, bool) or not isinstance(stride, numbers.Integral) or stride < 1:
+            raise ValueError(f"window_stride must be an integer >= 1, got {self.window_stride!r}")
 
     @property
     def guidance_scales(self) -> tuple[float, float, float]:
@@ -300,18 +308,31 @@ def split_branches(output: jax.Array) -> jax.Array:
 WINDOW_SHIFT = 7
 
 
-def circular_windows(num_latents: int, window: int, shift: int) -> np.ndarray:
+def circular_windows(num_latents: int, window: int, shift: int, stride: int = 1) -> np.ndarray:
     """Frame indices (num_windows, window) int64 of one sampling step's circular windows (spec §6).
 
-    Window j covers frames (j·window − shift + k) mod num_latents, k < window, j < ceil(num_latents / window):
-    every frame at least once; when window does not divide num_latents the last window wraps around and its
-    frames covered twice are averaged by the caller. Needs num_latents >= window.
+    stride 1 (the spec): window j covers frames (j·window − shift + k) mod num_latents, k < window,
+    j < ceil(num_latents / window): every frame at least once; when window does not divide num_latents the last
+    window wraps around and its frames covered twice are averaged by the caller. Needs num_latents >= window.
+    stride s > 1: the frames split into s interleaved sequences r, r + s, r + 2s, ... (r < s; num_latents a
+    multiple of s), each covered as above, so a window's frames are s apart (window r·count + j of sequence r).
     """
-    if window < 1 or num_latents < window:
-        raise ValueError(f"circular windows need 1 <= window ({window}) <= num_latents ({num_latents})")
-    count = -(-num_latents // window)
+    if stride < 1 or num_latents % stride:
+        raise ValueError(f"circular windows need stride ({stride}) >= 1 dividing num_latents ({num_latents})")
+    length = num_latents // stride
+    if window < 1 or length < window:
+        raise ValueError(f"circular windows need 1 <= window ({window}) <= num_latents / stride ({length})")
+    count = -(-length // window)
     starts = np.arange(count) * window - shift
-    return (starts[:, None] + np.arange(window)[None, :]) % num_latents
+    local = (starts[:, None] + np.arange(window)[None, :]) % length
+    return (local[None] * stride + np.arange(stride)[:, None, None]).reshape(stride * count, window)
+
+
+def sampling_buffer_length(num_frames: int, window: int, stride: int = 1) -> int:
+    """Latent frames of the sampler's buffer for `num_frames` output frames: at least num_frames + window (the
+    padding frames get unconditional features), a multiple of `stride` with >= window frames per interleaved
+    sequence (`circular_windows`). stride 1: num_frames + window."""
+    return stride * max(window, -(-(num_frames + window) // stride))
 
 
 def window_shift(step: int, window: int) -> int:

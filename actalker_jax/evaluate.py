@@ -1,7 +1,7 @@
 """Evaluation commands.
 
     python -m actalker_jax.evaluate control --workdir DIR [--num-clips 8] [--out DIR] [--steps 25] [--seed 0]
-                                            [--guidance APPEARANCE AUDIO MOTION]
+                                            [--guidance APPEARANCE AUDIO MOTION] [--window-stride S]
     python -m actalker_jax.evaluate video --pred DIR --ref DIR [--out DIR] [--inception PT] [--i3d PT]
                                           [--lpips PT] [--syncnet PT] [--no-dlib]
     python -m actalker_jax.evaluate denoise --workdir DIR [--sigmas 0.2,1,5] [--batch 4] [--split eval] [--out DIR]
@@ -18,7 +18,7 @@ of the checkpoint or (--init) of the fresh initialisation of its config: reach.j
 import argparse
 import sys
 
-from actalker_jax.cli_args import add_guidance_argument, add_weights_argument
+from actalker_jax.cli_args import add_guidance_argument, add_weights_argument, add_window_stride_argument
 
 
 def _control(args) -> dict:
@@ -27,7 +27,8 @@ def _control(args) -> dict:
 
     loaded = sample.load_model(args.workdir, args.weights)
     result = control.run_control(loaded, sample.generate, num_clips=args.num_clips, steps=args.steps,
-                                 seed=args.seed, out=args.out or args.workdir, guidance=args.guidance)
+                                 seed=args.seed, out=args.out or args.workdir, guidance=args.guidance,
+                                 window_stride=args.window_stride)
     print(control.markdown_table(result), end="")
     return result
 
@@ -77,6 +78,7 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--steps", type=int, default=25, help="sampling steps")
     c.add_argument("--seed", type=int, default=0, help="sampling seed of the first clip (clip i: seed + i)")
     add_guidance_argument(c)
+    add_window_stride_argument(c)
     add_weights_argument(c)
     c.set_defaults(run=_control)
     v = sub.add_parser("video", help="metrics of generated videos against reference videos")

@@ -2,7 +2,7 @@
 
     python -m actalker_jax.sample --workdir DIR | --checkpoint PATH --image REF.png --audio SPEECH.wav \
         [--motion DRIVING.mp4 | --motion-features F.npy] --control audio|motion|both --out OUT.mp4 \
-        [--steps 25] [--seed 0] [--guidance 2.0 7.5 3.0] [--masks regions|official] \
+        [--steps 25] [--seed 0] [--guidance 2.0 7.5 3.0] [--window-stride 1] [--masks regions|official] \
         [--face-box X0 Y0 X1 Y1] [--mouth-box X0 Y0 X1 Y1] [--no-progress]
 
 Python API (used by evaluation):
@@ -21,13 +21,17 @@ v-prediction, start latent_scale·E(ref) + σ_0·ε; one model call per window o
 (s1, s2, s3) = config.diffusion's guidance scales (spec and SVD configs 2.0, 7.5, 3.0; the demo 2.0, 3.0, 6.0) unless
 `guidance` is given. Gates from the control: audio (1, 0), motion (0, 1), both (1, 1); masks "regions" (mouth /
 face minus mouth) or "official".
-added_time_ids = [fps, 12, 20] as the released inference.
+added_time_ids = [fps / s, 12, 20] as the released inference (s = window stride, below; 1 there).
 
 Long audio: the latent buffer holds T + W frames (W = window = min(25, config.data.n_frames): 25 for SVD-xt,
 the training window for smaller models, e.g. 8 for the demo). The W padding frames get zero audio and motion
 features, whose projections are the unconditional tokens, in every branch. At step i the buffer is covered by
 circular windows of W frames shifted by (7 i) mod W; each window takes an Euler step from the same pre-step
 buffer and frames covered twice are averaged; the first T frames are decoded. Memory is that of one window.
+Window stride s (config.diffusion.window_stride, `--window-stride`; 1 = the above, the released sampler): a
+window's frames are s output frames apart, as the frames of a training window at stride s when the training clips
+are at the output fps (the demo: 3); the buffer (padded to a multiple of s, >= s W frames) splits into s
+interleaved sequences, each covered by its own circular windows (`diffusion.circular_windows`).
 The denoising step is one jitted function of (window latents, σ, σ_next, scales, window conditions): it is
 traced once per model and window shape and reused for every window, step and call (`LoadedModel.traces`).
 Output frames are at config.media.fps (12.5 for the released model); no frame interpolation.
@@ -48,7 +52,7 @@ import numpy as np
 from flax import nnx
 
 from actalker_jax import diffusion
-from actalker_jax.cli_args import WEIGHTS, add_guidance_argument, add_weights_argument
+from actalker_jax.cli_args import WEIGHTS, add_guidance_argument, add_weights_argument, add_window_stride_argument
 from actalker_jax.data.face import FaceError
 from actalker_jax.media import Media, MediaError, resample
 from actalker_jax.models.actalker import INFERENCE_MASKS, ACTalkerModel, control_masks, face_box_image
@@ -212,11 +216,11 @@ def _sample_latents(loaded: LoadedModel, static: dict, audio: np.ndarray, expres
     (T, h, w, c) unscaled latents."""
     from tqdm import tqdm
 
-    frames, window = len(audio), loaded.window
-    total = frames + window
+    frames, window, stride = len(audio), loaded.window, edm.window_stride
+    total = diffusion.sampling_buffer_length(frames, window, stride)
 
     def padded(a):
-        return np.concatenate([a, np.zeros((window,) + a.shape[1:], np.float32)]).astype(np.float32)
+        return np.concatenate([a, np.zeros((total - frames,) + a.shape[1:], np.float32)]).astype(np.float32)
 
     audio, expression, pose = padded(audio), padded(expression), padded(pose)
     shape = (1, total) + ref_latent.shape
@@ -226,13 +230,13 @@ def _sample_latents(loaded: LoadedModel, static: dict, audio: np.ndarray, expres
     static = {k: jnp.asarray(v) for k, v in static.items()}
     static["prior"] = diffusion.data_prior(static["ref_latent"], edm)
     denoise = loaded.denoise()
-    num_windows = len(diffusion.circular_windows(total, window, 0))
+    num_windows = len(diffusion.circular_windows(total, window, 0, stride))
     bar = tqdm(total=edm.num_steps * num_windows, unit="window", disable=not progress, dynamic_ncols=True)
     try:
         for i in range(edm.num_steps):
             acc = np.zeros_like(x)
             count = np.zeros((total,), np.float32)
-            for index in diffusion.circular_windows(total, window, diffusion.window_shift(i, window)):
+            for index in diffusion.circular_windows(total, window, diffusion.window_shift(i, window), stride):
                 inputs = dict(static, audio=audio[index][None], expression=expression[index][None],
                               pose=pose[index][None])
                 acc[:, index] += np.asarray(denoise(x[:, index], sigmas[i], sigmas[i + 1], scales, inputs))
@@ -283,13 +287,14 @@ def _check_audio(wav: np.ndarray, frames: int, fps: float, control: str) -> None
 
 def generate(loaded: LoadedModel, *, image: np.ndarray, wav: np.ndarray, sample_rate: int,
              motion: np.ndarray | None = None, control: str, seed: int = 0, steps: int = 25,
-             guidance: tuple | None = None, masks: str = "regions", face_box=None, mouth_box=None,
-             progress: bool = False) -> np.ndarray:
+             guidance: tuple | None = None, masks: str = "regions", window_stride: int | None = None,
+             face_box=None, mouth_box=None, progress: bool = False) -> np.ndarray:
     """Reference image (H0, W0, 3) uint8 + mono speech (S,) at `sample_rate` (+ motion (T0, De + 6) or (T0, De),
     [expression ; pose] per output frame as in records) -> frames (T, H, W, 3) uint8, T = floor(S / sr x fps).
 
     control: "audio" | "motion" | "both" (gates); masks: "regions" | "official"; guidance (s1, s2, s3) =
-    (appearance, audio, motion), default config.diffusion's; face_box / mouth_box (x0, y0, x1, y1) pixels of
+    (appearance, audio, motion), default config.diffusion's; window_stride: output frames between a sampling
+    window's frames, default config.diffusion's (module doc); face_box / mouth_box (x0, y0, x1, y1) pixels of
     `image` override detection. Same inputs and seed -> identical frames. Raises InputError naming the input.
     """
     if control not in CONTROLS:
@@ -319,6 +324,11 @@ def generate(loaded: LoadedModel, *, image: np.ndarray, wav: np.ndarray, sample_
 
     edm = diffusion.EDMConfig(**{**config.get("diffusion", ml_collections.ConfigDict()).to_dict(),
                                  "num_steps": int(steps)})
+    if window_stride is not None:
+        try:
+            edm = dataclasses.replace(edm, window_stride=window_stride)
+        except ValueError as err:
+            raise InputError("window_stride", str(err)) from None
     scales = edm.guidance_scales if guidance is None else tuple(float(s) for s in guidance)
     if len(scales) != 3:
         raise InputError("guidance", f"needs 3 scales (appearance, audio, motion), got {guidance}")
@@ -330,7 +340,7 @@ def generate(loaded: LoadedModel, *, image: np.ndarray, wav: np.ndarray, sample_
                                             face_box=face_image[..., 0])
     static = dict(ref_latent=ref.latent[None], id_embed=ref.id_embed[None], face_image=face_image, gates=gates,
                   mask_audio=mask_audio, mask_motion=mask_motion,
-                  added_time_ids=np.asarray([[media.fps, *MOTION_BUCKETS]], np.float32))
+                  added_time_ids=np.asarray([[media.fps / edm.window_stride, *MOTION_BUCKETS]], np.float32))
     latents = _sample_latents(loaded, static, audio, expression, pose, ref_latent=ref.latent, seed=seed, edm=edm,
                               scales=scales, progress=progress)
     return media.decode(latents)
@@ -394,6 +404,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_weights_argument(parser)
     parser.add_argument("--seed", type=int, default=0)
     add_guidance_argument(parser)
+    add_window_stride_argument(parser)
     parser.add_argument("--masks", choices=INFERENCE_MASKS,
                         help="region masks (default: the run's config.model.inference_masks)")
     parser.add_argument("--face-box", type=float, nargs=4, metavar=("X0", "Y0", "X1", "Y1"))
@@ -428,7 +439,8 @@ def run(args: argparse.Namespace) -> dict:
     masks = args.masks or loaded.config.model.get("inference_masks", "regions")
     frames = generate(loaded, image=image, wav=wav, sample_rate=video_io.SAMPLE_RATE, motion=motion,
                       control=args.control, seed=args.seed, steps=args.steps, guidance=args.guidance, masks=masks,
-                      face_box=args.face_box, mouth_box=args.mouth_box, progress=not args.no_progress)
+                      window_stride=args.window_stride, face_box=args.face_box, mouth_box=args.mouth_box,
+                      progress=not args.no_progress)
     fps = loaded.media.fps
     samples = int(round(len(frames) * video_io.SAMPLE_RATE / fps))
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

@@ -55,8 +55,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model = ml_collections.ConfigDict(ACTalkerConfig.svd_xt().to_dict())
     c.model.unet.sample_size = 64  # informational (diffusers config key); the model takes any latent size
 
+    # SVD's preconditioning (diffusion.py); sampling windows of consecutive 12.5-fps frames, the spacing of 25-fps
+    # training clips at stride 2.
     c.diffusion = ml_collections.ConfigDict(dict(latent_scale=0.18215, noise_offset=0.05, p_mean=0.7, p_std=1.6,
-                                                 center="zero", sigma_data=1.0))  # SVD's preconditioning (diffusion.py)
+                                                 center="zero", sigma_data=1.0, window_stride=1))
 
     c.train = ml_collections.ConfigDict(dict(
         gate_probs=(0.5, 0.25, 0.25),   # both / audio only / motion only (unpublished officially: ours)

@@ -101,9 +101,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # demo's frames around their reference latent. Audio guidance 3.0 (spec 7.5): at 7.5 the mouth saturates and the
     # eyes follow the audio (docs/benchmarks.md, "A data prior around the reference"). Motion guidance 6.0 (spec 3.0):
     # eyes 0.49 / 0.40 -> 0.64 / 0.57, yaw 0.73 / 0.74 -> 0.85 / 0.82 at 800 steps (docs/benchmarks.md, "Training window
-    # stride").
+    # stride"). Window stride 3 (spec 1): the sampler's windows take every third output frame, the spacing the model
+    # is trained on (the clips are at the output fps, the training windows at stride 3; the released model trains on
+    # 25-fps clips at stride 2 and samples consecutive 12.5-fps frames, the same spacing); fps id 12.5 / 3.
     c.diffusion = ml_collections.ConfigDict(dict(latent_scale=1.0, p_mean=0.7, p_std=1.6, center="reference",
-                                                 sigma_data=0.15, guidance_audio=3.0, guidance_motion=6.0))
+                                                 sigma_data=0.15, guidance_audio=3.0, guidance_motion=6.0,
+                                                 window_stride=3))
 
     c.train = ml_collections.ConfigDict(dict(
         # both / audio only / motion only (unpublished officially: ours). Each signal is in 90% of the samples; with

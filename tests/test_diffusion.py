@@ -295,8 +295,9 @@ def test_reference_prior_is_edm_around_the_reference(sigma_data):
                                jnp.broadcast_to(prior.mean, SHAPE), atol=1e-2)  # c_skip·σ·ε <= ε/700
 
 
-@pytest.mark.parametrize("field,value", [("center", "middle"), ("sigma_data", 0.0)])
-def test_bad_prior_is_named(field, value):
+@pytest.mark.parametrize("field,value", [("center", "middle"), ("sigma_data", 0.0), ("window_stride", 0),
+                                         ("window_stride", 2.0), ("window_stride", True)])
+def test_bad_config_value_is_named(field, value):
     with pytest.raises(ValueError, match=f"{field} must be .*got {value!r}"):
         edm.EDMConfig(**{field: value})
 

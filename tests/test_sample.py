@@ -129,6 +129,29 @@ def test_control_modes(loaded, clip, one_window, control, masks):
     assert not np.array_equal(frames, one_window)
 
 
+def test_window_stride(loaded, clip, one_window, monkeypatch):
+    """Stride 2: each window's frames are 2 apart, the fps id is fps / 2, the jitted step is reused; bad strides name
+    the argument."""
+    calls = []
+    build = sample.LoadedModel.denoise
+
+    def spy(self):
+        step = build(self)
+
+        def recorded(x, sigma, sigma_next, scales, inputs):
+            calls.append(float(np.asarray(inputs["added_time_ids"])[0, 0]))
+            return step(x, sigma, sigma_next, scales, inputs)
+        return recorded
+
+    monkeypatch.setattr(sample.LoadedModel, "denoise", spy)
+    frames = run(loaded, clip, WINDOW, window_stride=2)
+    assert frames.shape == one_window.shape and not np.array_equal(frames, one_window)
+    assert calls == [loaded.media.fps / 2] * (2 * STEPS) and loaded.traces == 1   # 2 interleaved windows a step
+    for bad in (0, 1.5, True):
+        with pytest.raises(sample.InputError, match=rf"window_stride: .* must be an integer >= 1, got {bad}"):
+            run(loaded, clip, WINDOW, window_stride=bad)
+
+
 def test_motion_control_needs_motion(loaded, clip):
     with pytest.raises(sample.InputError, match="motion: --control motion needs driving motion"):
         run(loaded, clip, WINDOW, control="motion")
@@ -221,6 +244,30 @@ def test_circular_windows():
     for n, w, shift in [(8, 4, 3), (13, 4, 1), (50, 25, 21)]:
         counts = np.bincount(diffusion.circular_windows(n, w, shift).ravel(), minlength=n)
         assert counts.min() == 1 and counts.max() <= 2 and counts.sum() == -(-n // w) * w
+
+
+def test_circular_windows_with_stride():
+    """Stride s: s interleaved sequences r, r + s, ..., each covered by its own circular windows; stride 1 is the
+    spec's windows. The buffer: T + W frames at stride 1, else a multiple of s with >= W frames per sequence."""
+    from actalker_jax import diffusion
+
+    for n, w, shift in [(35, 25, 7), (13, 4, 1)]:
+        np.testing.assert_array_equal(diffusion.circular_windows(n, w, shift, 1),
+                                      diffusion.circular_windows(n, w, shift))
+    windows = diffusion.circular_windows(33, 8, 7, 3)
+    assert windows.shape == (6, 8)
+    np.testing.assert_array_equal(windows[0], 3 * ((np.arange(8) - 7) % 11))
+    np.testing.assert_array_equal(windows[2], 3 * ((np.arange(8) - 7) % 11) + 1)
+    np.testing.assert_array_equal(windows[5], 3 * ((np.arange(8) + 1) % 11) + 2)
+    assert all(len(set(window % 3)) == 1 for window in windows)
+    counts = np.bincount(windows.ravel(), minlength=33)
+    assert counts.min() == 1 and counts.max() == 2 and counts.sum() == 48
+    assert [diffusion.sampling_buffer_length(t, 8, s) for t, s in [(25, 1), (1, 1), (25, 3), (1, 3), (26, 3)]] == [
+        33, 9, 33, 24, 36]
+    with pytest.raises(ValueError, match=r"stride \(3\) >= 1 dividing num_latents \(32\)"):
+        diffusion.circular_windows(32, 8, 0, 3)
+    with pytest.raises(ValueError, match=r"window \(8\) <= num_latents / stride \(7\)"):
+        diffusion.circular_windows(21, 8, 0, 3)
 
 
 def test_media_latent_factor():

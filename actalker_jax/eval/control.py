@@ -61,10 +61,11 @@ def _aligned(frames: np.ndarray, clip: dict, where: str) -> tuple[np.ndarray, di
 
 
 def run_control(loaded, generate, *, num_clips: int, steps: int = 25, seed: int = 0, out: str,
-                guidance: tuple[float, float, float] | None = None) -> dict:
+                guidance: tuple[float, float, float] | None = None, window_stride: int | None = None) -> dict:
     """Generates, measures and writes control.json / control.png / control.md into `out`; returns control.json.
 
-    guidance: (appearance, audio, motion) scales for `generate`; None: the checkpoint config's `diffusion` scales.
+    guidance: (appearance, audio, motion) scales for `generate`; window_stride: output frames between a sampling
+    window's frames; None: the checkpoint config's `diffusion` values.
     """
     clips = held_out_clips(loaded.config, num_clips)
     curves, modes = {}, {}
@@ -73,7 +74,7 @@ def run_control(loaded, generate, *, num_clips: int, steps: int = 25, seed: int 
         for i, clip in enumerate(clips):
             frames = generate(loaded, image=clip["frames"][0], wav=clip["wav"], sample_rate=synthetic.SAMPLE_RATE,
                               motion=None if mode == "audio" else motion_features(clip), control=mode,
-                              seed=seed + i, steps=steps, guidance=guidance)
+                              seed=seed + i, steps=steps, guidance=guidance, window_stride=window_stride)
             frames, truth = _aligned(frames, clip, f"mode {mode}, held-out clip {i}")
             measured = control_metrics.fit_motion(frames, clip["appearance"])
             scores.append(control_metrics.clip_scores(measured, truth))
