@@ -76,8 +76,8 @@ def main(argv=None):
                          window=args.window)
     static, audio, expression, pose, ref_latent = random_inputs(config, args.frames, latent)
     edm = diffusion.EDMConfig(num_steps=args.steps)
-    total = args.frames + args.window
-    calls = args.steps * len(diffusion.circular_windows(total, args.window, 0))
+    total = diffusion.sampling_buffer_length(args.frames, args.window, edm.window_stride)
+    calls = args.steps * len(diffusion.circular_windows(total, args.window, 0, edm.window_stride))
 
     def run():
         start = time.perf_counter()
