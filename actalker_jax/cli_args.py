@@ -1,7 +1,7 @@
 """Command-line arguments shared by `sample` and `evaluate` (no jax import, so `evaluate --help` stays light).
 
-    add_weights_argument(parser)      # --weights {auto, ema, params}
-    add_guidance_argument(parser)     # --guidance APPEARANCE AUDIO MOTION
+    add_weights_argument(parser)        # --weights {auto, ema, params}
+    add_guidance_argument(parser)       # --guidance APPEARANCE AUDIO MOTION
     add_window_stride_argument(parser)  # --window-stride S
 """
 

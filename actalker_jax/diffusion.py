@@ -85,7 +85,7 @@ class EDMConfig:
             raise ValueError(f"sigma_data must be positive, got {self.sigma_data!r}")
         stride = self.window_stride
         if isinstance(stride, bool) or not isinstance(stride, numbers.Integral) or stride < 1:
-            raise ValueError(f"window_stride must be an integer >= 1, got {self.window_stride!r}")
+            raise ValueError(f"window_stride must be an integer >= 1, got {stride!r}")
 
     @property
     def guidance_scales(self) -> tuple[float, float, float]:
