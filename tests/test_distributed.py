@@ -155,10 +155,6 @@ def distributed_config(**overrides):
     config = tiny_config("", total_steps=STEPS, synthetic_clips=6, synthetic_frames=10, synthetic_size=32,
                          **{"mesh.devices": -1, "checkpoint.every_steps": STEPS, **overrides})
     config.data.records = ""
-    unet = config.model.unet  # the smallest ACTalker UNet (PCM + IP-adapters in its one cross-attention level)
-    unet.block_out_channels, unet.num_attention_heads = (32,), (2,)
-    unet.down_block_types = ("CrossAttnDownBlockSpatioTemporal",)
-    unet.up_block_types = ("CrossAttnUpBlockSpatioTemporal",)
     config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 1, PROCESSES * DEVICES_PER_PROCESS, 1
     return config
 

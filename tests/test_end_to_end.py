@@ -5,11 +5,11 @@ import math
 import os
 
 from actalker_jax import evaluate, train
-from demo_config import configs_demo, small_geometry
+from demo_config import configs_demo, one_level, small_geometry
 
 
 def test_generate_train_sample_evaluate(tmp_path):
-    config = small_geometry(configs_demo.get_config())  # 8x8 latent tokens: a quarter of the demo's
+    config = one_level(small_geometry(configs_demo.get_config()))  # 8x8 latent tokens: a quarter of the demo's
     config.synthetic_clips = 2          # the trainer generates them into WORKDIR/synthetic and writes records
     config.synthetic_frames = 10
     config.data.n_frames = 4

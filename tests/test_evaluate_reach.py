@@ -55,8 +55,8 @@ def test_every_pcm_layer_is_measured_and_masks_hold(initial_model, tmp_path):
     assert json.loads((tmp_path / "reach.json").read_text()) == json.loads(json.dumps(result))
     assert (tmp_path / "reach.png").stat().st_size > 0
     names = [row["name"] for row in result["layers"]]
-    assert names == ["unet.down_blocks.0.attentions.0.mamba_blocks.0", "unet.up_blocks.1.attentions.0.mamba_blocks.0",
-                     "unet.up_blocks.1.attentions.1.mamba_blocks.0"]
+    assert names == ["unet.down_blocks.0.attentions.0.mamba_blocks.0", "unet.up_blocks.0.attentions.0.mamba_blocks.0",
+                     "unet.up_blocks.0.attentions.1.mamba_blocks.0"]
     for row in result["layers"]:
         assert row["grid"] == [8, 8]
         assert row["audio_outside"] == row["motion_outside"] == 0.0      # mask-drop: nothing leaks out of a region

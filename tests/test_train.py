@@ -11,7 +11,7 @@ import pytest
 
 from actalker_jax import sharding, train
 from actalker_jax.data import synthetic
-from demo_config import configs_demo, set_keys, small_geometry
+from demo_config import configs_demo, one_level, set_keys, small_geometry
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +22,7 @@ def records_dir(tmp_path_factory):
 
 
 def tiny_config(records, **overrides):
-    config = small_geometry(configs_demo.get_config())
+    config = one_level(small_geometry(configs_demo.get_config()))
     config.synthetic_clips = 0
     config.data.records = records
     config.data.n_frames = 4
