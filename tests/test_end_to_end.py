@@ -5,20 +5,13 @@ import math
 import os
 
 from actalker_jax import evaluate, train
-from demo_config import configs_demo, one_level, small_geometry
+from test_train import tiny_config
 
 
 def test_generate_train_sample_evaluate(tmp_path):
-    config = one_level(small_geometry(configs_demo.get_config()))  # 8x8 latent tokens: a quarter of the demo's
-    config.synthetic_clips = 2          # the trainer generates them into WORKDIR/synthetic and writes records
-    config.synthetic_frames = 10
-    config.data.n_frames = 4
-    config.data.eval_fraction = 0.0
-    config.model.unet.num_frames = 4
-    config.total_steps = 2
-    config.checkpoint.every_steps = 2
-    config.mesh.devices = 1
-    config.log.sample_every_steps = 0
+    # The trainer tests' tiny config (8x8 latent tokens, one UNet level, 4-frame windows) on 2 synthetic clips that
+    # the trainer generates into WORKDIR/synthetic and writes records of.
+    config = tiny_config("", synthetic_clips=2, synthetic_frames=10, **{"checkpoint.every_steps": 2})
     workdir = str(tmp_path / "run")
     result = train.train(config, workdir)
     assert result.summary["step"] == 2 and math.isfinite(result.summary["loss_last"])
