@@ -1,4 +1,4 @@
-"""configs/demo.py for the tests (loaded by path: configs/ is not a package) and the tests' small geometry."""
+"""configs/demo.py for the tests (loaded by path: configs/ is not a package), the tests' small geometry and configs."""
 
 import importlib.util
 import os
@@ -43,13 +43,42 @@ def one_level(config):
     return config
 
 
+def small_demo_config():
+    """The demo config at the small geometry with its UNet cut to one level: the tests' base config."""
+    return one_level(small_geometry(configs_demo.get_config()))
+
+
+def tiny_config(records, **overrides):
+    """The trainer tests' config: `small_demo_config` on `records` ("": the trainer's own synthetic clips), 4-frame
+    windows, 2 steps, a checkpoint every step, one device, no previews; then the dotted-key `overrides`."""
+    config = small_demo_config()
+    config.synthetic_clips = 0
+    config.data.records = records
+    config.data.n_frames = 4
+    config.data.eval_fraction = 0.0
+    config.model.unet.num_frames = 4
+    config.total_steps = 2
+    config.checkpoint.every_steps = 1
+    config.checkpoint.every_minutes = 0.0
+    config.mesh.devices = 1
+    config.synthetic_frames = 6
+    config.log.sample_every_steps = 0
+    # Adam with eps 1 and lr 0.05: Adam divides by sqrt(v), so for a near-zero gradient it turns the
+    # summation-order noise of sharded vs single-device reductions into a full-size step (seen: one element
+    # in 27k off by 1e-6 after two steps). With eps >> sqrt(v) the update is ~lr * momentum, linear in the
+    # gradients, so comparing sharded and single-device parameters at rtol 1e-5 tests the gradients.
+    config.optim.eps = 1.0
+    config.optim.lr = 0.05
+    return set_keys(config, overrides)
+
+
 def probe_config(out, num_clips: int):
-    """The demo config at the small geometry on `num_clips` fresh synthetic 6-frame clips written to `out`, 4-frame
+    """`small_demo_config` on `num_clips` fresh synthetic 6-frame clips written to `out`, 4-frame
     windows, every clip in the train split (for the probes of eval/)."""
     from actalker_jax.data import synthetic
 
     synthetic.main(["--out", str(out), "--num-clips", str(num_clips), "--frames", "6", "--size", "32"])
-    config = one_level(small_geometry(configs_demo.get_config()))
+    config = small_demo_config()
     config.data.records = str(out / "records")
     config.data.n_frames = 4
     config.data.eval_fraction = 0.0

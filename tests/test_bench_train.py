@@ -5,11 +5,11 @@ import numpy as np
 
 from actalker_jax import sharding, train
 from actalker_jax.bench.train import host_random_state
-from demo_config import configs_demo, one_level, small_geometry
+from demo_config import small_demo_config
 
 
 def test_host_random_state_matches_the_abstract_state():
-    config = one_level(small_geometry(configs_demo.get_config()))
+    config = small_demo_config()
     config.mesh.fsdp, config.mesh.data = 2, 1
     mesh = sharding.make_mesh(1, 2, 1, devices=jax.devices()[:2])
     trainer = train.build_trainer(config, mesh)

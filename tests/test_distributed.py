@@ -65,7 +65,7 @@ import jax  # noqa: E402  (the worker above imports jax after its environment is
 import orbax.checkpoint as ocp  # noqa: E402
 
 from actalker_jax import train  # noqa: E402
-from test_train import tiny_config  # noqa: E402
+from demo_config import tiny_config  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -5,7 +5,7 @@ import math
 import os
 
 from actalker_jax import evaluate, train
-from test_train import tiny_config
+from demo_config import tiny_config
 
 
 def test_generate_train_sample_evaluate(tmp_path):

@@ -13,7 +13,7 @@ from flax import nnx
 from actalker_jax import optim, sample, train
 from actalker_jax.data import synthetic
 from actalker_jax.models.actalker import ACTalkerModel
-from demo_config import configs_demo, one_level, small_geometry
+from demo_config import small_demo_config
 
 
 SIZE, WINDOW, STEPS = 32, 4, 2
@@ -21,7 +21,7 @@ SAMPLES_PER_FRAME = 1280  # 16 kHz at 12.5 fps
 
 
 def tiny_config():
-    config = one_level(small_geometry(configs_demo.get_config()))
+    config = small_demo_config()
     config.data.n_frames = WINDOW
     config.model.unet.num_frames = WINDOW
     config.model.pcm.scan_impl = "reference"

@@ -11,7 +11,7 @@ import pytest
 
 from actalker_jax import sharding, train
 from actalker_jax.data import synthetic
-from demo_config import configs_demo, one_level, set_keys, small_geometry
+from demo_config import tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -19,28 +19,6 @@ def records_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("synthetic")
     synthetic.main(["--out", str(out), "--num-clips", "6", "--frames", "10", "--size", "32", "--seed", "3"])
     return str(out / "records")
-
-
-def tiny_config(records, **overrides):
-    config = one_level(small_geometry(configs_demo.get_config()))
-    config.synthetic_clips = 0
-    config.data.records = records
-    config.data.n_frames = 4
-    config.data.eval_fraction = 0.0
-    config.model.unet.num_frames = 4
-    config.total_steps = 2
-    config.checkpoint.every_steps = 1
-    config.checkpoint.every_minutes = 0.0
-    config.mesh.devices = 1
-    config.synthetic_frames = 6
-    config.log.sample_every_steps = 0
-    # Adam with eps 1 and lr 0.05: Adam divides by sqrt(v), so for a near-zero gradient it turns the
-    # summation-order noise of sharded vs single-device reductions into a full-size step (seen: one element
-    # in 27k off by 1e-6 after two steps). With eps >> sqrt(v) the update is ~lr * momentum, linear in the
-    # gradients, so comparing sharded and single-device parameters at rtol 1e-5 tests the gradients.
-    config.optim.eps = 1.0
-    config.optim.lr = 0.05
-    return set_keys(config, overrides)
 
 
 def leaves(tree):
