@@ -26,7 +26,7 @@ motion signal the head turns away from the reference's yaw in silent frames and 
 target and the audio-only leaks: `--config.total_steps=1600` (~20 minutes) gives at step 1200 mouth 0.96 / 0.86,
 eyes 0.85 / 0.83, yaw 0.99 / 0.98, audio-only eye / yaw leaks -0.02 / -0.19 (step 1600: eyes 0.81 / 0.83, yaw 0.99 /
 0.99); its motion-only mouth leak stays (0.47 / 0.39: without audio the mouth moves with the head's turn; at every
-guidance scale and gate mix tried too).
+guidance scale, gate mix and clip count tried too).
 With SVD's prior (`--config.diffusion.center=zero --config.diffusion.sigma_data=1.0
 --config.diffusion.guidance_audio=7.5`) the motion arrives after thousands of steps (eyes 0.87 / 0.84 at ~10000
 steps). The curve vs steps, the ablations, why the motion lags: docs/benchmarks.md ("Control vs training steps",
