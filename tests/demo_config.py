@@ -48,14 +48,20 @@ def small_demo_config():
     return one_level(small_geometry(configs_demo.get_config()))
 
 
-def tiny_config(records, **overrides):
-    """The trainer tests' config: `small_demo_config` on `records` ("": the trainer's own synthetic clips), 4-frame
-    windows, 2 steps, a checkpoint every step, one device, no previews; then the dotted-key `overrides`."""
+def on_records(records: str):
+    """`small_demo_config` reading `records`, 4-frame windows, every clip in the train split."""
     config = small_demo_config()
-    config.synthetic_clips = 0
     config.data.records = records
     config.data.n_frames = 4
     config.data.eval_fraction = 0.0
+    return config
+
+
+def tiny_config(records, **overrides):
+    """The trainer tests' config: `on_records(records)` ("": the trainer's own synthetic clips), 4-frame
+    UNet windows, 2 steps, a checkpoint every step, one device, no previews; then the dotted-key `overrides`."""
+    config = on_records(records)
+    config.synthetic_clips = 0
     config.model.unet.num_frames = 4
     config.total_steps = 2
     config.checkpoint.every_steps = 1
@@ -73,13 +79,8 @@ def tiny_config(records, **overrides):
 
 
 def probe_config(out, num_clips: int):
-    """`small_demo_config` on `num_clips` fresh synthetic 6-frame clips written to `out`, 4-frame
-    windows, every clip in the train split (for the probes of eval/)."""
+    """`on_records` of `num_clips` fresh synthetic 6-frame clips written to `out` (for the probes of eval/)."""
     from actalker_jax.data import synthetic
 
     synthetic.main(["--out", str(out), "--num-clips", str(num_clips), "--frames", "6", "--size", "32"])
-    config = small_demo_config()
-    config.data.records = str(out / "records")
-    config.data.n_frames = 4
-    config.data.eval_fraction = 0.0
-    return config
+    return on_records(str(out / "records"))

@@ -20,7 +20,7 @@ SIZE, WINDOW, STEPS = 32, 4, 2
 SAMPLES_PER_FRAME = 1280  # 16 kHz at 12.5 fps
 
 
-def tiny_config():
+def sampler_config():
     config = small_demo_config()
     config.data.n_frames = WINDOW
     config.model.unet.num_frames = WINDOW
@@ -67,7 +67,7 @@ def save_checkpoint(workdir: str, config, step: int = 1) -> None:
 @pytest.fixture(scope="session")
 def workdir(tmp_path_factory):
     path = str(tmp_path_factory.mktemp("sample_run"))
-    save_checkpoint(path, tiny_config())
+    save_checkpoint(path, sampler_config())
     return path
 
 
@@ -273,7 +273,7 @@ def test_circular_windows_with_stride():
 def test_media_latent_factor():
     from actalker_jax.media import Media, MediaError
 
-    config = tiny_config()
+    config = sampler_config()
     config.media.latent_factor = 2
     media = Media(config)
     assert (media.factor, media.latent_channels) == (2, 12)
@@ -284,11 +284,11 @@ def test_media_latent_factor():
     for value, message in ((3, "latent_factor 3 does not divide config.media.image_size 32"),
                            (0, "latent_factor must be a positive int, got 0"),
                            (True, "latent_factor must be a positive int, got True")):
-        bad = tiny_config()
+        bad = sampler_config()
         bad.media.latent_factor = value
         with pytest.raises(MediaError, match=message):
             Media(bad)
-    bad = tiny_config()
+    bad = sampler_config()
     bad.media.update(autoencoder="vae", vae_path="/nowhere", latent_factor=4)
     with pytest.raises(MediaError, match="must be 8 for the SVD VAE, got 4"):
         Media(bad)
