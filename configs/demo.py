@@ -95,7 +95,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         # kept), 0.07-0.30x the chunked "xla" scan's (docs/benchmarks.md); GPU configs use "auto" (Pallas).
         # condition_placement "both_ends": the research variant (models/pcm.py); "end" is the released layout.
         pcm=dict(enabled=True, scan_over="frame", residual="replace", condition_placement="end",
-                 scan_impl="sequential"),
+                 scan_impl="sequential", ip_masks="bicubic"),
         audio_seq_len=8, audio_blocks=1, audio_channels=16, audio_hidden_dim=64, audio_tokens=4,
         id_dim=16, id_hidden_dim=32, expression_dim=3, pose_guider_channels=(8, 16),
         inference_masks="regions",

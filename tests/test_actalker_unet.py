@@ -89,6 +89,56 @@ def test_zero_condition_tokens_add_nothing_through_ip(tiny_unet):
         np.testing.assert_array_equal(np.asarray(out), 0.0)
 
 
+def _regions():
+    """(mouth, face minus mouth) (1, 32, 32) masks of a 32x32 frame, laid out like the demo's records."""
+    mouth = np.zeros((1, 32, 32), np.float32)
+    mouth[:, 19:27, 10:22] = 1
+    face = np.zeros_like(mouth)
+    face[:, 3:29, 3:25] = 1
+    return mouth, face * (1 - mouth)
+
+
+def _spatial_ip(masks, grid, motion_mask):
+    """One spatial IP processor's output (F, h*w, heads, dim) for random motion tokens (zero audio tokens)."""
+    from actalker_jax.models.ip_adapter import IPAdapterProcessor
+    from actalker_jax.models.layers import Attention
+    rng = np.random.default_rng(1)
+    dc, channels, frames = 32, 16, 2
+    attn = Attention(channels, heads=2, dim_head=8, cross_attention_dim=dc, rngs=nnx.Rngs(0))
+    processor = IPAdapterProcessor(channels, dc, temporal=False, masks=masks, rngs=nnx.Rngs(1))
+    mouth, _ = _regions()
+    conditions = dict(audio_tokens=jnp.zeros((1, frames, 4, dc)),
+                      motion_tokens=jnp.asarray(rng.standard_normal((1, frames, 1, dc)), jnp.float32),
+                      mask_audio=jnp.asarray(mouth), mask_motion=jnp.asarray(motion_mask))
+    q = jnp.asarray(rng.standard_normal((frames, grid[0] * grid[1], 2, 8)), jnp.float32)
+    return np.asarray(processor(attn, q, conditions, grid))
+
+
+@pytest.mark.parametrize("grid", [(16, 16), (8, 8)])
+def test_token_ip_masks_keep_the_motion_out_of_the_mouth(grid):
+    """ip_masks "tokens": the motion adapter adds exactly its unmasked output on the tokens the motion branch scans and
+    nothing elsewhere (the mouth included); the released soft bicubic masks also reach mouth tokens (0.5 of the
+    motion output on some mouth tokens of the 8x8 grid, -0.09 along the mouth's edge at 16x16)."""
+    from actalker_jax.models.masks import select_tokens
+    mouth, motion = _regions()
+    unmasked = _spatial_ip("bicubic", grid, np.ones_like(motion))
+    hard = _spatial_ip("tokens", grid, motion)
+    soft = _spatial_ip("bicubic", grid, motion)
+    motion_tokens = np.asarray(select_tokens(jnp.asarray(motion), grid))[0]
+    mouth_tokens = np.asarray(select_tokens(jnp.asarray(mouth), grid))[0]
+    assert motion_tokens.any() and mouth_tokens.any() and not (motion_tokens & mouth_tokens).any()
+    np.testing.assert_array_equal(hard[:, ~motion_tokens], 0.0)
+    np.testing.assert_allclose(hard[:, motion_tokens], unmasked[:, motion_tokens], rtol=1e-6, atol=1e-7)
+    assert np.abs(unmasked).min() > 0
+    leak = np.abs(soft[:, mouth_tokens]).max() / np.abs(unmasked[:, mouth_tokens]).max()
+    assert leak > 0.05
+
+
+def test_ip_masks_option_is_checked():
+    with pytest.raises(ValueError, match="ip_masks"):
+        PCMConfig(ip_masks="nearest")
+
+
 def test_batch_of_two_equals_two_batch_one_runs(tiny_unet):
     x = make_inputs()
     both = run(tiny_unet, x)

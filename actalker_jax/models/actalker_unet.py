@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from actalker_jax.models.ip_adapter import IPAdapterProcessor
+from actalker_jax.models.ip_adapter import IP_MASKS, IPAdapterProcessor
 from actalker_jax.models.layers import Dtype
 from actalker_jax.models.pcm import CONDITION_PLACEMENTS, RESIDUALS, SCAN_OVER, PCMLayer
 from actalker_jax.models.transformer import TransformerHooks, TransformerSite
@@ -45,6 +45,7 @@ class PCMConfig:
     condition_placement: str = "end"
     scan_impl: str = "auto"
     ip_scales: tuple[float, float] = (1.25, 1.25)
+    ip_masks: str = "bicubic"
 
     def __post_init__(self):
         object.__setattr__(self, "ip_scales", tuple(self.ip_scales))
@@ -55,6 +56,8 @@ class PCMConfig:
         if self.condition_placement not in CONDITION_PLACEMENTS:
             raise ValueError(f"PCMConfig.condition_placement must be one of {CONDITION_PLACEMENTS}, "
                              f"got {self.condition_placement!r}")
+        if self.ip_masks not in IP_MASKS:
+            raise ValueError(f"PCMConfig.ip_masks must be one of {IP_MASKS}, got {self.ip_masks!r}")
         if len(self.ip_scales) != 2:
             raise ValueError(f"PCMConfig.ip_scales needs (audio, motion) scales, got {self.ip_scales}")
 
@@ -72,7 +75,7 @@ def actalker_hooks(pcm: PCMConfig) -> TransformerHooks:
 
     def processor(site: TransformerSite, rngs: nnx.Rngs):
         return IPAdapterProcessor(site.channels, site.cross_attention_dim, temporal=site.temporal, rngs=rngs,
-                                  scales=pcm.ip_scales, dtype=site.dtype, param_dtype=site.param_dtype)
+                                  scales=pcm.ip_scales, masks=pcm.ip_masks, dtype=site.dtype, param_dtype=site.param_dtype)
 
     return TransformerHooks(post_spatial=post_spatial, cross_attention_processor=processor)
 
