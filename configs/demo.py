@@ -27,6 +27,9 @@ target and the audio-only leaks: `--config.total_steps=1600` (~20 minutes) gives
 eyes 0.85 / 0.83, yaw 0.99 / 0.98, audio-only eye / yaw leaks -0.02 / -0.19 (step 1600: eyes 0.81 / 0.83, yaw 0.99 /
 0.99); its motion-only mouth leak stays (0.47 / 0.39: without audio the mouth moves with the head's turn; at every
 guidance scale, gate mix and clip count tried too).
+Those are seed 0's numbers (`--config.seed` also draws other clips): over seeds 0-3 the eyes vary most (motion-only
+0.44-0.81), the mouth and yaw stay >= 0.8, the both-mode leaks <= 0.15, and seed 3 meets every target but the
+motion-only mouth leak (0.26-0.35 over the seeds).
 With SVD's prior (`--config.diffusion.center=zero --config.diffusion.sigma_data=1.0
 --config.diffusion.guidance_audio=7.5`) the motion arrives after thousands of steps (eyes 0.87 / 0.84 at ~10000
 steps). The curve vs steps, the ablations, why the motion lags: docs/benchmarks.md ("Control vs training steps",
