@@ -75,7 +75,8 @@ def actalker_hooks(pcm: PCMConfig) -> TransformerHooks:
 
     def processor(site: TransformerSite, rngs: nnx.Rngs):
         return IPAdapterProcessor(site.channels, site.cross_attention_dim, temporal=site.temporal, rngs=rngs,
-                                  scales=pcm.ip_scales, masks=pcm.ip_masks, dtype=site.dtype, param_dtype=site.param_dtype)
+                                  scales=pcm.ip_scales, masks=pcm.ip_masks, dtype=site.dtype,
+                                  param_dtype=site.param_dtype)
 
     return TransformerHooks(post_spatial=post_spatial, cross_attention_processor=processor)
 
