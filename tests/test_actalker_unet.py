@@ -117,8 +117,8 @@ def _spatial_ip(masks, grid, motion_mask):
 @pytest.mark.parametrize("grid", [(16, 16), (8, 8)])
 def test_token_ip_masks_keep_the_motion_out_of_the_mouth(grid):
     """ip_masks "tokens": the motion adapter adds exactly its unmasked output on the tokens the motion branch scans and
-    nothing elsewhere (the mouth included); the released soft bicubic masks also reach mouth tokens (0.5 of the
-    motion output on some mouth tokens of the 8x8 grid, -0.09 along the mouth's edge at 16x16)."""
+    nothing elsewhere (the mouth included); the released soft bicubic masks also reach mouth tokens (-0.09 of the
+    motion output on the mouth's edge tokens at both grids)."""
     from actalker_jax.models.masks import select_tokens
     mouth, motion = _regions()
     unmasked = _spatial_ip("bicubic", grid, np.ones_like(motion))

@@ -7,9 +7,9 @@ Two extra key/value sets, j = 0 audio (32 tokens per frame), j = 1 motion (1 tok
 
 M_j is region mask j on the token grid. masks="bicubic" (released): the mask resized with PyTorch's bicubic
 kernel, soft values that may leave [0, 1] at box edges, exactly as the official processor multiplies them.
-At a coarse grid they spill far across the region's edge: at the demo's 8x8 mid block (32x32 frames) the
-face-minus-mouth mask is 0.5-0.75 on mouth tokens and -0.09 around the face, so the motion token reaches the
-mouth directly. masks="tokens" (ours): 1 on the tokens the PCM branch of that region scans (`select_tokens`,
+At a coarse grid they spill across the region's edge: on the demo's masks (32x32 frames, 8x8 and 16x16 grids)
+the face-minus-mouth mask is 0.5-0.59 on tokens that are mostly mouth pixels in most clips and -0.09 to -0.2 on
+the mouth's edge tokens, so the motion token reaches the mouth directly. masks="tokens" (ours): 1 on the tokens the PCM branch of that region scans (`select_tokens`,
 bicubic value >= 1), 0 elsewhere: the same split of the grid as the PCM layers'. The temporal attention never
 receives masks and uses the tokens averaged over the window's frames; its queries of a whole clip are
 one sequence (see TemporalBasicTransformerBlock), so the K/V projections run once per clip.
