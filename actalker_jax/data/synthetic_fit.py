@@ -14,7 +14,9 @@ Fit, in order (image in [0, 1], pixel centres at (j + 0.5, i + 0.5)):
    mask is every pixel within `COLOUR_TOLERANCE` of it (max over channels);
 3. face ellipse: per row, the half-width of the skin extent plus half a pixel of antialiasing; rows at least
    60 % as wide as the widest (the neck is 45 %) give w(y)^2 = rx^2 (1 - (y - cy)^2 / ry^2), a quadratic in y
-   solved by least squares for cy, rx, ry; cx = median row centre. A given face box replaces this step;
+   solved by least squares for cy, rx, ry; cx = median row centre. A second candidate refits without the rows
+   more than `OUTLIER_PIXELS` off the ellipse (up to `OUTLIER_PASSES` times); steps 4-6 run on each candidate and
+   the fit with the lower RMSE is kept. A given face box replaces this step;
 4. hair = median colour around the fringe centre (cx, cy - 0.8 ry); lips = skin x (0.85, 0.45, 0.45), the
    renderer's mean lip colour (a closed mouth shows too few lip pixels to measure them);
 5. motion by grid search on renders: yaw on the whole face box (eyes, brows, mouth at mid values), then
@@ -35,6 +37,8 @@ from actalker_jax.data.face import FaceError
 COLOUR_TOLERANCE = 0.07
 MAX_RMSE = 0.15
 LIPS_FROM_SKIN = np.array([0.85, 0.45, 0.45])
+OUTLIER_PASSES = 3      # step 3 refits without rows whose half-width is off the fitted ellipse ...
+OUTLIER_PIXELS = 1.0    # ... by more than this (hair / background blends under the hair can match the skin)
 YAW_GRID = np.linspace(-synthetic.MAX_YAW - 5, synthetic.MAX_YAW + 5, 31)
 UNIT_GRID = np.linspace(0.0, 1.0, 21)
 
@@ -67,8 +71,20 @@ def _skin_colour(image: np.ndarray, background: np.ndarray) -> np.ndarray:
     return np.median(centre[codes == mode], axis=0)
 
 
-def _face_ellipse(image: np.ndarray, skin: np.ndarray) -> tuple[float, float, float, float]:
-    """(cx, cy, rx, ry) in pixels from the skin mask's row extents (module doc, step 3)."""
+def _ellipse_from_rows(rows: np.ndarray, centres: np.ndarray, widths: np.ndarray, keep: np.ndarray
+                       ) -> tuple[float, float, float, float] | None:
+    """(cx, cy, rx, ry) from the kept rows' half-widths, w(y)^2 = rx^2 (1 - (y - cy)^2 / ry^2); None if no ellipse."""
+    y = rows[keep]
+    a, b, c = np.linalg.lstsq(np.stack([np.ones_like(y), y, y * y], -1), widths[keep] ** 2, rcond=None)[0]
+    if c >= 0 or a - b * b / (4 * c) <= 1.0:
+        return None
+    rx = float(np.sqrt(a - b * b / (4 * c)))
+    return float(np.median(centres[keep])), float(-b / (2 * c)), rx, float(rx / np.sqrt(-c))
+
+
+def _face_ellipses(image: np.ndarray, skin: np.ndarray) -> list[tuple[float, float, float, float]]:
+    """Candidate (cx, cy, rx, ry) in pixels from the skin mask's row extents (module doc, step 3): the fit of every
+    wide row, then (when it differs) the fit without the rows off the first by more than `OUTLIER_PIXELS`."""
     mask = np.abs(image - skin).max(-1) < COLOUR_TOLERANCE
     rows, centres, widths = [], [], []
     for i, row in enumerate(mask):
@@ -83,16 +99,22 @@ def _face_ellipse(image: np.ndarray, skin: np.ndarray) -> tuple[float, float, fl
     keep = widths >= 0.6 * widths.max()
     if keep.sum() < 3:
         raise FaceError("no face-shaped skin region")
-    y = rows[keep]
-    a, b, c = np.linalg.lstsq(np.stack([np.ones_like(y), y, y * y], -1), widths[keep] ** 2, rcond=None)[0]
-    if c >= 0:
+    first = _ellipse_from_rows(rows, centres, widths, keep)
+    if first is None:
         raise FaceError("the skin region is not an ellipse")
-    cy = -b / (2 * c)
-    rx2 = a - b * b / (4 * c)
-    if rx2 <= 1.0:
-        raise FaceError("the skin region is not an ellipse")
-    rx = float(np.sqrt(rx2))
-    return float(np.median(centres[keep])), float(cy), rx, float(rx / np.sqrt(-c))
+    candidates = [first]
+    for _ in range(OUTLIER_PASSES):
+        cx, cy, rx, ry = candidates[-1]
+        fitted = rx * np.sqrt(np.maximum(1.0 - ((rows - cy) / ry) ** 2, 0.0))
+        inliers = keep & (np.abs(fitted - widths) <= OUTLIER_PIXELS)
+        if inliers.sum() < 3 or np.array_equal(inliers, keep):
+            break
+        keep = inliers
+        refit = _ellipse_from_rows(rows, centres, widths, keep)
+        if refit is None:
+            break
+        candidates = [first, refit]
+    return candidates
 
 
 def _box(ellipses: list[tuple], height: int, width: int, pad: float = 1.0) -> tuple[slice, slice]:
@@ -153,22 +175,11 @@ def _refine_ellipse(image: np.ndarray, appearance: synthetic.Appearance, motion:
     return appearance
 
 
-def fit_face(image: np.ndarray, face_box=None) -> FaceFit:
-    """(H, W, 3) uint8 -> FaceFit. face_box (x0, y0, x1, y1) pixels: the face ellipse's box, skips step 3.
-
-    Raises FaceError (message: why) when the image holds no synthetic face.
-    """
-    image = _as_float(image)
+def _fit_from_ellipse(image: np.ndarray, background: np.ndarray, skin: np.ndarray, ellipse: tuple, refine: bool
+                      ) -> FaceFit:
+    """Steps 4-6 of the module doc from a face ellipse (cx, cy, rx, ry) in pixels."""
     height, width = image.shape[:2]
-    background = np.median(image[0], axis=0)
-    skin = _skin_colour(image, background)
-    if face_box is None:
-        cx, cy, rx, ry = _face_ellipse(image, skin)
-    else:
-        x0, y0, x1, y1 = (float(v) for v in face_box)
-        if x1 <= x0 or y1 <= y0:
-            raise FaceError(f"face box {tuple(face_box)} is empty")
-        cx, cy, rx, ry = (x0 + x1) / 2, (y0 + y1) / 2, (x1 - x0) / 2, (y1 - y0) / 2
+    cx, cy, rx, ry = ellipse
     if not (0 < cx < width and 0 < cy < height and 2 < rx < width and 2 < ry < height):
         raise FaceError(f"implausible face ellipse centre ({cx:.1f}, {cy:.1f}), radii ({rx:.1f}, {ry:.1f})")
     rows = slice(max(int(cy - 0.9 * ry), 0), max(int(cy - 0.7 * ry), 1))
@@ -179,14 +190,41 @@ def fit_face(image: np.ndarray, face_box=None) -> FaceFit:
         hair=tuple(float(v) for v in hair), lips=tuple(float(v) for v in np.clip(skin * LIPS_FROM_SKIN, 0, 1)),
         cx=cx / width, cy=cy / height, rx=rx / width, ry=ry / height)
     motion = fit_motion_frame(image, appearance)
-    if face_box is None:
+    if refine:
         appearance = _refine_ellipse(image, appearance, motion)
         motion = fit_motion_frame(image, appearance)
     params = synthetic.FaceParams(appearance, **motion)
-    rmse = _rmse(image, params)
-    if rmse > MAX_RMSE:
-        raise FaceError(f"no synthetic face: the best fit differs by RMSE {rmse:.3f} > {MAX_RMSE}")
-    return FaceFit(params=params, rmse=rmse)
+    return FaceFit(params=params, rmse=_rmse(image, params))
+
+
+def fit_face(image: np.ndarray, face_box=None) -> FaceFit:
+    """(H, W, 3) uint8 -> FaceFit. face_box (x0, y0, x1, y1) pixels: the face ellipse's box, skips step 3.
+
+    Raises FaceError (message: why) when the image holds no synthetic face. Of step 3's candidate ellipses the
+    one whose fit has the lowest RMSE is kept.
+    """
+    image = _as_float(image)
+    background = np.median(image[0], axis=0)
+    skin = _skin_colour(image, background)
+    if face_box is None:
+        candidates = _face_ellipses(image, skin)
+    else:
+        x0, y0, x1, y1 = (float(v) for v in face_box)
+        if x1 <= x0 or y1 <= y0:
+            raise FaceError(f"face box {tuple(face_box)} is empty")
+        candidates = [((x0 + x1) / 2, (y0 + y1) / 2, (x1 - x0) / 2, (y1 - y0) / 2)]
+    fits, errors = [], []
+    for ellipse in candidates:
+        try:
+            fits.append(_fit_from_ellipse(image, background, skin, ellipse, refine=face_box is None))
+        except FaceError as err:
+            errors.append(err)
+    if not fits:
+        raise errors[0]
+    best = min(fits, key=lambda f: f.rmse)
+    if best.rmse > MAX_RMSE:
+        raise FaceError(f"no synthetic face: the best fit differs by RMSE {best.rmse:.3f} > {MAX_RMSE}")
+    return best
 
 
 def fit_motion(frames: np.ndarray, appearance: synthetic.Appearance) -> dict[str, np.ndarray]:
