@@ -16,6 +16,7 @@ of the checkpoint or (--init) of the fresh initialisation of its config: reach.j
 """
 
 import argparse
+import os
 import sys
 
 from actalker_jax.cli_args import add_guidance_argument, add_weights_argument, add_window_stride_argument
@@ -29,7 +30,8 @@ def _control(args) -> dict:
     result = control.run_control(loaded, sample.generate, num_clips=args.num_clips, steps=args.steps,
                                  seed=args.seed, out=args.out or args.workdir, guidance=args.guidance,
                                  window_stride=args.window_stride)
-    print(control.markdown_table(result), end="")
+    with open(os.path.join(args.out or args.workdir, "control.md")) as f:
+        print(f.read(), end="")
     return result
 
 

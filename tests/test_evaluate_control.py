@@ -87,6 +87,20 @@ def test_metric_helpers():
         control_metrics.mode_metrics("lips", [{}], [1.0])
 
 
+def test_chance_mouth_leak(clips):
+    truths = [c["truth"] for c in clips]
+    means = {k: np.mean([control_metrics.pearson(t["mouth"], t[k]) for t in truths]) for k in ("eye", "brow", "yaw")}
+    expected = max(means.values(), key=abs)
+    assert control_metrics.chance_mouth_leak(truths) == pytest.approx(expected)
+    coupled = [dict(t, mouth=-t["yaw"]) for t in truths]        # a mouth that is the head's turn
+    assert control_metrics.chance_mouth_leak(coupled) == pytest.approx(-1.0)
+    with pytest.raises(ValueError, match="no clips"):
+        control_metrics.chance_mouth_leak([])
+    many = [c["truth"] for c in control.held_out_clips(configs_demo.get_config(), 64)]
+    levels = [abs(control_metrics.chance_mouth_leak(many[i:i + 8])) for i in range(0, 64, 8)]
+    assert 0.03 < np.median(levels) < 0.2, levels     # the docstring's ~0.11: 8 clips do not average it away
+
+
 def _stand_in(clips):
     """A `sample.generate` stand-in: the ideal model's frames (each signal drives only its features), by the wav."""
     by_wav = {c["wav"].tobytes(): c for c in clips}
@@ -143,6 +157,8 @@ def test_run_control_with_an_ideal_model(clips, tmp_path):
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     table = (tmp_path / "control.md").read_text()
     assert "| motion | - | +" in table and "checkpoint step 123" in table
+    chance = control_metrics.chance_mouth_leak([c["truth"] for c in clips[:2]])
+    assert f"Chance level of mouth_leak on these clips: {chance:+.3f} (" in table
 
 
 def test_run_control_rejects_bad_sampler_output(clips, tmp_path):

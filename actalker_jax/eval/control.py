@@ -13,7 +13,8 @@ PSNR against the reference frame over the pixels no ground-truth frame changes (
 
 Writes into `out`: control.json {"modes": {"audio": M, "motion": M, "both": M}, "num_clips": n,
 "checkpoint_step": s} (M: `control_metrics.METRIC_KEYS`, null where a mode has no such signal), control.png
-(ground truth vs measured curves of the first clip, one panel per mode) and control.md (the table).
+(ground truth vs measured curves of the first clip, one panel per mode) and control.md (the table, and the chance
+level of mouth_leak on the same clips: `control_metrics.chance_mouth_leak`).
 """
 
 import json
@@ -84,17 +85,19 @@ def run_control(loaded, generate, *, num_clips: int, steps: int = 25, seed: int 
                 curves[mode] = (truth, measured)
         modes[mode] = control_metrics.mode_metrics(mode, scores, psnrs)
     result = dict(modes=modes, num_clips=num_clips, checkpoint_step=int(loaded.step))
+    chance = control_metrics.chance_mouth_leak([clip["truth"] for clip in clips])
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "control.json"), "w") as f:
         json.dump(result, f, indent=1)
     with open(os.path.join(out, "control.md"), "w") as f:
-        f.write(markdown_table(result))
+        f.write(markdown_table(result, chance_mouth_leak=chance))
     plot_curves(curves, os.path.join(out, "control.png"))
     return result
 
 
-def markdown_table(result: dict) -> str:
-    """control.json as a markdown table: one row per mode, '-' where a mode has no such signal."""
+def markdown_table(result: dict, chance_mouth_leak: float | None = None) -> str:
+    """control.json as a markdown table: one row per mode, '-' where a mode has no such signal; then, when given,
+    the clips' chance level of mouth_leak (`control_metrics.chance_mouth_leak`)."""
     keys = control_metrics.METRIC_KEYS
     lines = [f"Control benchmark: {result['num_clips']} held-out synthetic clips, checkpoint step "
              f"{result['checkpoint_step']}.", "", "| mode | " + " | ".join(keys) + " |",
@@ -103,6 +106,9 @@ def markdown_table(result: dict) -> str:
         cells = ["-" if metrics[k] is None else f"{metrics[k]:.2f}" if k == "psnr_static" else f"{metrics[k]:+.3f}"
                  for k in keys]
         lines.append(f"| {mode} | " + " | ".join(cells) + " |")
+    if chance_mouth_leak is not None:
+        lines += ["", f"Chance level of mouth_leak on these clips: {chance_mouth_leak:+.3f} (their own speech-driven "
+                  "mouth, drawn independently of the motion, scored against their motion)."]
     return "\n".join(lines) + "\n"
 
 
