@@ -15,8 +15,8 @@ Fit, in order (image in [0, 1], pixel centres at (j + 0.5, i + 0.5)):
 3. face ellipse: per row, the half-width of the skin extent plus half a pixel of antialiasing; rows at least
    60 % as wide as the widest (the neck is 45 %) give w(y)^2 = rx^2 (1 - (y - cy)^2 / ry^2), a quadratic in y
    solved by least squares for cy, rx, ry; cx = median row centre. A second candidate refits without the rows
-   more than `OUTLIER_PIXELS` off the ellipse (up to `OUTLIER_PASSES` times); steps 4-6 run on each candidate and
-   the fit with the lower RMSE is kept. A given face box replaces this step;
+   more than `OUTLIER_PIXELS` off the ellipse (up to `OUTLIER_PASSES` times), used when steps 4-6 on the first
+   give no fit within `MAX_RMSE` (then the lower-RMSE fit is kept). A given face box replaces this step;
 4. hair = median colour around the fringe centre (cx, cy - 0.8 ry); lips = skin x (0.85, 0.45, 0.45), the
    renderer's mean lip colour (a closed mouth shows too few lip pixels to measure them);
 5. motion by grid search on renders: yaw on the whole face box (eyes, brows, mouth at mid values), then
@@ -200,8 +200,8 @@ def _fit_from_ellipse(image: np.ndarray, background: np.ndarray, skin: np.ndarra
 def fit_face(image: np.ndarray, face_box=None) -> FaceFit:
     """(H, W, 3) uint8 -> FaceFit. face_box (x0, y0, x1, y1) pixels: the face ellipse's box, skips step 3.
 
-    Raises FaceError (message: why) when the image holds no synthetic face. Of step 3's candidate ellipses the
-    one whose fit has the lowest RMSE is kept.
+    Raises FaceError (message: why) when the image holds no synthetic face. Step 3's second candidate ellipse is
+    tried only when the first gives no fit within `MAX_RMSE`.
     """
     image = _as_float(image)
     background = np.median(image[0], axis=0)
@@ -219,6 +219,8 @@ def fit_face(image: np.ndarray, face_box=None) -> FaceFit:
             fits.append(_fit_from_ellipse(image, background, skin, ellipse, refine=face_box is None))
         except FaceError as err:
             errors.append(err)
+        if fits and fits[-1].rmse <= MAX_RMSE:
+            break
     if not fits:
         raise errors[0]
     best = min(fits, key=lambda f: f.rmse)
