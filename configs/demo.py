@@ -25,8 +25,9 @@ motion signal the head turns away from the reference's yaw in silent frames and 
 -0.19 at step 1200 of the longer schedule below); static PSNR 26.9 dB. A longer schedule meets every correlation
 target and the audio-only leaks: `--config.total_steps=1600` (~20 minutes) gives at step 1200 mouth 0.96 / 0.86,
 eyes 0.85 / 0.83, yaw 0.99 / 0.98, audio-only eye / yaw leaks -0.02 / -0.19 (step 1600: eyes 0.81 / 0.83, yaw 0.99 /
-0.99); its motion-only mouth leak stays (0.47 / 0.39: without audio the mouth moves with the head's turn; at every
-guidance scale, gate mix and clip count tried too).
+0.99); its motion-only mouth leak stays (0.47 / 0.39: without audio the motion guidance opens the mouth as the head
+turns away from frontal; at every guidance scale, gate mix and clip count tried too; docs/benchmarks.md, "Where
+the motion-only mouth is set").
 Those are seed 0's numbers (`--config.seed` also draws other clips): over seeds 0-3 the eyes vary most (motion-only
 0.44-0.81), the mouth and yaw stay >= 0.8, the both-mode leaks <= 0.15, and seed 3 meets every target but the
 motion-only mouth leak (0.26-0.35 over the seeds).
