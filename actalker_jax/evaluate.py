@@ -27,10 +27,10 @@ def _control(args) -> dict:
     from actalker_jax.eval import control
 
     loaded = sample.load_model(args.workdir, args.weights)
+    out = args.out or args.workdir
     result = control.run_control(loaded, sample.generate, num_clips=args.num_clips, steps=args.steps,
-                                 seed=args.seed, out=args.out or args.workdir, guidance=args.guidance,
-                                 window_stride=args.window_stride)
-    with open(os.path.join(args.out or args.workdir, "control.md")) as f:
+                                 seed=args.seed, out=out, guidance=args.guidance, window_stride=args.window_stride)
+    with open(os.path.join(out, "control.md")) as f:
         print(f.read(), end="")
     return result
 

@@ -155,13 +155,19 @@ def masked_psnr(frames: np.ndarray, reference: np.ndarray, mask: np.ndarray) -> 
     return PSNR_CAP if mse <= 255.0 ** 2 * 10 ** (-PSNR_CAP / 10) else float(10 * np.log10(255.0 ** 2 / mse))
 
 
+def _clip_means(scores: list[dict[str, float]]) -> dict[str, float]:
+    """Per-clip `clip_scores` -> their means over clips, key by key."""
+    return {key: float(np.mean([s[key] for s in scores])) for key in scores[0]}
+
+
 def _mouth_leak(mean: dict[str, float]) -> float:
     """The clip-averaged 'mouth~<motion truth>' correlation largest in magnitude."""
     return max((mean[f"mouth~{k}"] for k in MOTION_TRUTH), key=abs)
 
 
 def chance_mouth_leak(truths: list[dict[str, np.ndarray]]) -> float:
-    """`mouth_leak` of the clips' own speech-driven mouth truth against their motion truth (one (T,) dict per clip).
+    """`mouth_leak` of the clips' own speech-driven mouth truth against their motion truth (one (T,) dict per clip),
+    scored by `clip_scores` as a measured mouth is.
 
     A synthetic clip's mouth is drawn independently of its motion, so this is what a mouth that moves like speech,
     independently of the motion, scores on these clips by chance (per clip the correlation of two independent
@@ -170,8 +176,7 @@ def chance_mouth_leak(truths: list[dict[str, np.ndarray]]) -> float:
     """
     if not truths:
         raise ValueError("chance_mouth_leak: no clips")
-    return _mouth_leak({f"mouth~{k}": float(np.mean([pearson(t["mouth"], t[k]) for t in truths]))
-                        for k in MOTION_TRUTH})
+    return _mouth_leak(_clip_means([clip_scores(truth, truth) for truth in truths]))
 
 
 def mode_metrics(mode: str, scores: list[dict[str, float]], psnrs: list[float]) -> dict[str, float | None]:
@@ -180,7 +185,7 @@ def mode_metrics(mode: str, scores: list[dict[str, float]], psnrs: list[float]) 
         raise ValueError(f"unknown control mode {mode!r}; expected one of {MODES}")
     if not scores or len(scores) != len(psnrs):
         raise ValueError(f"mode {mode!r}: need one score and one PSNR per clip, got {len(scores)} and {len(psnrs)}")
-    mean = {key: float(np.mean([s[key] for s in scores])) for key in scores[0]}
+    mean = _clip_means(scores)
     audio, motion = mode in ("audio", "both"), mode in ("motion", "both")
     mouth_leak = _mouth_leak(mean)
     return dict(

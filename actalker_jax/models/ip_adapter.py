@@ -9,8 +9,9 @@ M_j is region mask j on the token grid. masks="bicubic" (released): the mask res
 kernel, soft values that may leave [0, 1] at box edges, exactly as the official processor multiplies them.
 At a coarse grid they spill across the region's edge: on the demo's masks (32x32 frames, 8x8 and 16x16 grids)
 the face-minus-mouth mask is 0.5-0.59 on tokens that are mostly mouth pixels in most clips and -0.09 to -0.2 on
-the mouth's edge tokens, so the motion token reaches the mouth directly. masks="tokens" (ours): 1 on the tokens the PCM branch of that region scans (`select_tokens`,
-bicubic value >= 1), 0 elsewhere: the same split of the grid as the PCM layers'. The temporal attention never
+the mouth's edge tokens, so the motion token reaches the mouth directly. masks="tokens" (ours): 1 on the tokens
+the PCM branch of that region scans (`select_tokens`, bicubic value >= 1), 0 elsewhere: the same split of the grid
+as the PCM layers'. The temporal attention never
 receives masks and uses the tokens averaged over the window's frames; its queries of a whole clip are
 one sequence (see TemporalBasicTransformerBlock), so the K/V projections run once per clip.
 """
