@@ -1,7 +1,7 @@
 """Command-line arguments shared by `sample` and `evaluate` (no jax import, so `evaluate --help` stays light).
 
     add_weights_argument(parser)        # --weights {auto, ema, params}
-    add_guidance_argument(parser)       # --guidance APPEARANCE AUDIO MOTION
+    add_guidance_argument(parser)       # --guidance APPEARANCE AUDIO MOTION, --guidance-regions on|off
     add_window_stride_argument(parser)  # --window-stride S
 """
 
@@ -17,10 +17,21 @@ def add_weights_argument(parser: argparse.ArgumentParser) -> None:
 
 
 def add_guidance_argument(parser: argparse.ArgumentParser) -> None:
-    """--guidance: (appearance, audio, motion) scales for `sample.generate`; None: the checkpoint config's."""
+    """--guidance: (appearance, audio, motion) scales and --guidance-regions for `sample.generate`; None: the
+    checkpoint config's. args.guidance_regions is True, False or None."""
     parser.add_argument("--guidance", type=float, nargs=3, metavar=("APPEARANCE", "AUDIO", "MOTION"), default=None,
                         help="guidance scales (default: the checkpoint config's diffusion.guidance_*; spec 2.0 7.5 "
                              "3.0, demo 2.0 3.0 6.0)")
+    parser.add_argument("--guidance-regions", type=_on_off, default=None, metavar="on|off",
+                        help="on: audio guidance inside the mouth region only, motion guidance outside it; off: "
+                             "both on the whole frame, as the released sampler (default: the checkpoint config's "
+                             "diffusion.guidance_regions; the demo on)")
+
+
+def _on_off(value: str) -> bool:
+    if value not in ("on", "off"):
+        raise argparse.ArgumentTypeError(f"expected on or off, got {value!r}")
+    return value == "on"
 
 
 def add_window_stride_argument(parser: argparse.ArgumentParser) -> None:

@@ -30,7 +30,7 @@ Sampling loop (one window; `model` is the ACTalker model, guidance over 4 stacke
     for i in range(config.num_steps):
         sample, t = model_inputs(x, z_ref, sigmas[i], prior)
         out = model(repeat_branches(sample), repeat_branches(t), ..., **guidance_batch(B))   # (4B,F,h,w,c)
-        F = guided_denoised(split_branches(out), config.guidance_scales)
+        F = guided_denoised(split_branches(out), config.guidance_scales)   # + mouth: region guidance
         x = euler_step(x, denoised(F, x, sigmas[i], prior), sigmas[i], sigmas[i + 1])
 Long videos (`actalker_jax.sample`): the buffer of N = `sampling_buffer_length(T, F, s)` frames is covered at step
 i by `circular_windows(N, F, window_shift(i, F), s)` (s = `EDMConfig.window_stride`: a window's frames are s apart);
@@ -60,6 +60,9 @@ class EDMConfig:
     window_stride: output frames between consecutive frames of a sampling window (`circular_windows`); the fps id
     is then fps / window_stride. 1 (the released sampler) matches a model trained on clips at twice the output fps
     at stride 2 (spec §5); a model trained on clips at the output fps at stride s samples with s (the demo: 3).
+    guidance_regions: False (the released sampler) applies every guidance term to the whole frame; True (ours)
+    splits the frame by the mouth region: the audio term acts inside it and the motion term outside it
+    (`guided_denoised`'s `mouth`).
     """
 
     p_mean: float = 0.7
@@ -77,6 +80,7 @@ class EDMConfig:
     center: str = "zero"
     sigma_data: float = 1.0
     window_stride: int = 1
+    guidance_regions: bool = False
 
     def __post_init__(self):
         if self.center not in CENTERS:
@@ -86,6 +90,8 @@ class EDMConfig:
         stride = self.window_stride
         if isinstance(stride, bool) or not isinstance(stride, numbers.Integral) or stride < 1:
             raise ValueError(f"window_stride must be an integer >= 1, got {stride!r}")
+        if not isinstance(self.guidance_regions, (bool, np.bool_)):
+            raise ValueError(f"guidance_regions must be True or False, got {self.guidance_regions!r}")
 
     @property
     def guidance_scales(self) -> tuple[float, float, float]:
@@ -269,16 +275,41 @@ def init_latents(key: jax.Array, ref_latent_scaled: jax.Array, shape: tuple[int,
     return jnp.broadcast_to(ref_latent_scaled.astype(jnp.float32), shape) + sigma_0 * noise
 
 
-def guided_denoised(branches: jax.Array, scales: tuple[float, float, float]) -> jax.Array:
+def guided_denoised(branches: jax.Array, scales: tuple[float, float, float], mouth: jax.Array | None = None
+                    ) -> jax.Array:
     """Nested guidance ε0 + s1(ε1−ε0) + s2(ε2−ε1) + s3(ε3−ε2). branches (4, B, ...) -> (B, ...).
 
     The sampler combines the network outputs F of the 4 branches (as the official pipeline combines its
     `noise_pred`) and then computes x̂0 once. The weights sum to 1 and x̂0 = c_skip·x + c_out·F is affine in F
     with branch-independent c_skip·x, so combining the 4 x̂0 instead gives the same result.
+
+    mouth: the mouth region's share of each latent cell in [0, 1], broadcastable to (B, ...) (`guidance_region`),
+    for region guidance (`EDMConfig.guidance_regions`): the audio term weighs s2·mouth and the motion term
+    s3·(1 − mouth), so in the mouth region the prediction is the one without the motion condition and elsewhere
+    the one without the audio condition, each guided at its scale. Guidance amplifies whatever a condition changes
+    anywhere in the frame; the PCM masks keep each condition to its region inside the network, and this keeps the
+    sampler to the same split (without it the demo's motion guidance opens the mouth as the head turns,
+    docs/benchmarks.md "Region guidance").
     """
     s1, s2, s3 = scales
+    if mouth is not None:
+        s2, s3 = s2 * mouth, s3 * (1.0 - mouth)
     e0, e1, e2, e3 = branches[0], branches[1], branches[2], branches[3]
     return e0 + s1 * (e1 - e0) + s2 * (e2 - e1) + s3 * (e3 - e2)
+
+
+def guidance_region(mouth_mask: jax.Array, grid: tuple[int, int]) -> jax.Array:
+    """Mouth mask (B, H, W) in {0, 1} -> its share of each latent cell (B, 1, h, w, 1) float32 (area average).
+
+    grid (h, w) must divide (H, W): the latent factor of the autoencoder.
+    """
+    mouth_mask = jnp.asarray(mouth_mask, jnp.float32)
+    b, height, width = mouth_mask.shape
+    h, w = grid
+    if height % h or width % w:
+        raise ValueError(f"guidance_region: latent grid {h}x{w} does not divide the mask's {height}x{width}")
+    cells = mouth_mask.reshape(b, h, height // h, w, width // w).mean(axis=(2, 4))
+    return cells[:, None, :, :, None]
 
 
 def guidance_batch(batch: int) -> dict[str, jax.Array]:

@@ -1,7 +1,8 @@
 """Evaluation commands.
 
     python -m actalker_jax.evaluate control --workdir DIR [--num-clips 8] [--out DIR] [--steps 25] [--seed 0]
-                                            [--guidance APPEARANCE AUDIO MOTION] [--window-stride S]
+                                            [--guidance APPEARANCE AUDIO MOTION] [--guidance-regions on|off]
+                                            [--window-stride S]
     python -m actalker_jax.evaluate video --pred DIR --ref DIR [--out DIR] [--inception PT] [--i3d PT]
                                           [--lpips PT] [--syncnet PT] [--no-dlib]
     python -m actalker_jax.evaluate denoise --workdir DIR [--sigmas 0.2,1,5] [--batch 4] [--split eval] [--out DIR]
@@ -29,7 +30,8 @@ def _control(args) -> dict:
     loaded = sample.load_model(args.workdir, args.weights)
     out = args.out or args.workdir
     result = control.run_control(loaded, sample.generate, num_clips=args.num_clips, steps=args.steps,
-                                 seed=args.seed, out=out, guidance=args.guidance, window_stride=args.window_stride)
+                                 seed=args.seed, out=out, guidance=args.guidance, window_stride=args.window_stride,
+                                 guidance_regions=args.guidance_regions)
     with open(os.path.join(out, "control.md")) as f:
         print(f.read(), end="")
     return result

@@ -2,8 +2,8 @@
 
     python -m actalker_jax.sample --workdir DIR | --checkpoint PATH --image REF.png --audio SPEECH.wav \
         [--motion DRIVING.mp4 | --motion-features F.npy] --control audio|motion|both --out OUT.mp4 \
-        [--steps 25] [--seed 0] [--guidance 2.0 7.5 3.0] [--window-stride 1] [--masks regions|official] \
-        [--face-box X0 Y0 X1 Y1] [--mouth-box X0 Y0 X1 Y1] [--no-progress]
+        [--steps 25] [--seed 0] [--guidance 2.0 7.5 3.0] [--guidance-regions on|off] [--window-stride 1] \
+        [--masks regions|official] [--face-box X0 Y0 X1 Y1] [--mouth-box X0 Y0 X1 Y1] [--no-progress]
 
 Python API (used by evaluation):
 
@@ -19,7 +19,9 @@ Sampler (ACTALKER_SPEC §6, math in `diffusion.py`): Karras σ from 700 to 0.002
 v-prediction, start latent_scale·E(ref) + σ_0·ε; one model call per window on the 4 stacked guidance branches
 (ε0 uncond, ε1 + appearance, ε2 + audio, ε3 + motion), combined ε0 + s1(ε1−ε0) + s2(ε2−ε1) + s3(ε3−ε2) with
 (s1, s2, s3) = config.diffusion's guidance scales (spec and SVD configs 2.0, 7.5, 3.0; the demo 2.0, 3.0, 6.0) unless
-`guidance` is given. Gates from the control: audio (1, 0), motion (0, 1), both (1, 1); masks "regions" (mouth /
+`guidance` is given. Region guidance (config.diffusion.guidance_regions, `--guidance-regions on|off`; off = the
+released sampler, on = the demo): the audio term only inside the reference's mouth region (the "regions" audio
+mask, whatever `masks` is, averaged over each latent cell) and the motion term only outside it. Gates from the control: audio (1, 0), motion (0, 1), both (1, 1); masks "regions" (mouth /
 face minus mouth) or "official".
 added_time_ids = [fps / s, 12, 20] as the released inference (s = window stride, below; 1 there).
 
@@ -202,7 +204,8 @@ def _make_denoise(loaded: LoadedModel, graphdef, state):
                                            mask_audio=inputs["mask_audio"], mask_motion=inputs["mask_motion"]))
         out = model(b["sample"], b["timestep"], b["added"], b["conditions"], b["gates"], mask_audio=b["mask_audio"],
                     mask_motion=b["mask_motion"], **diffusion.guidance_batch(x.shape[0]))
-        guided = diffusion.guided_denoised(diffusion.split_branches(out.astype(jnp.float32)), scales)
+        guided = diffusion.guided_denoised(diffusion.split_branches(out.astype(jnp.float32)), scales,
+                                           inputs["guidance_mouth"])
         x0 = diffusion.denoised(guided, x, sigma, inputs["prior"])
         return diffusion.euler_step(x, x0, sigma, sigma_next)
 
@@ -227,7 +230,7 @@ def _sample_latents(loaded: LoadedModel, static: dict, audio: np.ndarray, expres
     x = np.asarray(diffusion.init_latents(jax.random.key(seed), diffusion.scale_latents(ref_latent, edm), shape, edm))
     sigmas = np.asarray(diffusion.karras_sigmas(edm))
     scales = jnp.asarray(scales, jnp.float32)
-    static = {k: jnp.asarray(v) for k, v in static.items()}
+    static = {k: None if v is None else jnp.asarray(v) for k, v in static.items()}
     static["prior"] = diffusion.data_prior(static["ref_latent"], edm)
     denoise = loaded.denoise()
     num_windows = len(diffusion.circular_windows(total, window, 0, stride))
@@ -288,14 +291,16 @@ def _check_audio(wav: np.ndarray, frames: int, fps: float, control: str) -> None
 def generate(loaded: LoadedModel, *, image: np.ndarray, wav: np.ndarray, sample_rate: int,
              motion: np.ndarray | None = None, control: str, seed: int = 0, steps: int = 25,
              guidance: tuple | None = None, masks: str = "regions", window_stride: int | None = None,
-             face_box=None, mouth_box=None, progress: bool = False) -> np.ndarray:
+             guidance_regions: bool | None = None, face_box=None, mouth_box=None, progress: bool = False
+             ) -> np.ndarray:
     """Reference image (H0, W0, 3) uint8 + mono speech (S,) at `sample_rate` (+ motion (T0, De + 6) or (T0, De),
     [expression ; pose] per output frame as in records) -> frames (T, H, W, 3) uint8, T = floor(S / sr x fps).
 
     control: "audio" | "motion" | "both" (gates); masks: "regions" | "official"; guidance (s1, s2, s3) =
     (appearance, audio, motion), default config.diffusion's; window_stride: output frames between a sampling
-    window's frames, default config.diffusion's (module doc); face_box / mouth_box (x0, y0, x1, y1) pixels of
-    `image` override detection. Same inputs and seed -> identical frames. Raises InputError naming the input.
+    window's frames, default config.diffusion's (module doc); guidance_regions: audio guidance inside the mouth
+    region and motion guidance outside it (module doc), default config.diffusion's; face_box / mouth_box
+    (x0, y0, x1, y1) pixels of `image` override detection. Same inputs and seed -> identical frames. Raises InputError naming the input.
     """
     if control not in CONTROLS:
         raise InputError("control", f"must be one of {tuple(CONTROLS)}, got {control!r}")
@@ -329,6 +334,8 @@ def generate(loaded: LoadedModel, *, image: np.ndarray, wav: np.ndarray, sample_
             edm = dataclasses.replace(edm, window_stride=window_stride)
         except ValueError as err:
             raise InputError("window_stride", str(err)) from None
+    if guidance_regions is not None:
+        edm = dataclasses.replace(edm, guidance_regions=bool(guidance_regions))
     scales = edm.guidance_scales if guidance is None else tuple(float(s) for s in guidance)
     if len(scales) != 3:
         raise InputError("guidance", f"needs 3 scales (appearance, audio, motion), got {guidance}")
@@ -338,8 +345,10 @@ def generate(loaded: LoadedModel, *, image: np.ndarray, wav: np.ndarray, sample_
     mask_audio, mask_motion = control_masks(masks, jnp.asarray(gates), mouth=jnp.asarray(ref.mask_audio[None]),
                                             face_minus_mouth=jnp.asarray(ref.mask_motion[None]),
                                             face_box=face_image[..., 0])
+    guidance_mouth = (diffusion.guidance_region(ref.mask_audio[None], ref.latent.shape[:2])
+                      if edm.guidance_regions else None)
     static = dict(ref_latent=ref.latent[None], id_embed=ref.id_embed[None], face_image=face_image, gates=gates,
-                  mask_audio=mask_audio, mask_motion=mask_motion,
+                  mask_audio=mask_audio, mask_motion=mask_motion, guidance_mouth=guidance_mouth,
                   added_time_ids=np.asarray([[media.fps / edm.window_stride, *MOTION_BUCKETS]], np.float32))
     latents = _sample_latents(loaded, static, audio, expression, pose, ref_latent=ref.latent, seed=seed, edm=edm,
                               scales=scales, progress=progress)
@@ -439,7 +448,8 @@ def run(args: argparse.Namespace) -> dict:
     masks = args.masks or loaded.config.model.get("inference_masks", "regions")
     frames = generate(loaded, image=image, wav=wav, sample_rate=video_io.SAMPLE_RATE, motion=motion,
                       control=args.control, seed=args.seed, steps=args.steps, guidance=args.guidance, masks=masks,
-                      window_stride=args.window_stride, face_box=args.face_box, mouth_box=args.mouth_box,
+                      window_stride=args.window_stride, guidance_regions=args.guidance_regions,
+                      face_box=args.face_box, mouth_box=args.mouth_box,
                       progress=not args.no_progress)
     fps = loaded.media.fps
     samples = int(round(len(frames) * video_io.SAMPLE_RATE / fps))

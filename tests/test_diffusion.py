@@ -211,6 +211,35 @@ def test_guidance_combination():
     np.testing.assert_allclose(combine_f, combine_x0, rtol=1e-4, atol=1e-4)
 
 
+def test_region_guidance():
+    """mouth 1: the audio term at s2 and no motion term; mouth 0: the motion term at s3 and no audio term; a cell
+    half in the mouth: both at half their scale. None: the whole-frame guidance."""
+    branches = jax.random.normal(jax.random.key(3), (4, 2, 3, 4, 4, 2))
+    s1, s2, s3 = CONFIG.guidance_scales
+    mouth = jnp.zeros((2, 1, 4, 4, 1)).at[:, :, 2:, 1:3].set(1.0).at[:, :, 1, 1].set(0.5)
+    got = edm.guided_denoised(branches, CONFIG.guidance_scales, mouth)
+    np.testing.assert_array_equal(edm.guided_denoised(branches, CONFIG.guidance_scales, None),
+                                  edm.guided_denoised(branches, CONFIG.guidance_scales))
+    for scales, where in [((s1, s2, 0.0), mouth == 1.0), ((s1, 0.0, s3), mouth == 0.0),
+                          ((s1, s2 / 2, s3 / 2), mouth == 0.5)]:
+        expected = edm.guided_denoised(branches, scales)
+        where = np.broadcast_to(where, got.shape)
+        assert where.any()
+        np.testing.assert_allclose(np.asarray(got)[where], np.asarray(expected)[where], rtol=1e-6, atol=1e-6)
+
+
+def test_guidance_region():
+    mask = np.zeros((1, 8, 12), np.float32)
+    mask[0, 4:8, 3:9] = 1.0
+    cells = np.asarray(edm.guidance_region(mask, (4, 6)))
+    expected = np.zeros((4, 6))
+    expected[2:, 2:4], expected[2:, 1], expected[2:, 4] = 1.0, 0.5, 0.5
+    assert cells.shape == (1, 1, 4, 6, 1)
+    np.testing.assert_array_equal(cells[0, 0, :, :, 0], expected)
+    with pytest.raises(ValueError, match="latent grid 3x6 does not divide the mask's 8x12"):
+        edm.guidance_region(mask, (3, 6))
+
+
 def test_guidance_batch_layout():
     drops = edm.guidance_batch(2)
     assert sorted(drops) == ["drop_appearance", "drop_audio", "drop_motion"]
@@ -296,7 +325,8 @@ def test_reference_prior_is_edm_around_the_reference(sigma_data):
 
 
 @pytest.mark.parametrize("field,value", [("center", "middle"), ("sigma_data", 0.0), ("window_stride", 0),
-                                         ("window_stride", 2.0), ("window_stride", True)])
+                                         ("window_stride", 2.0), ("window_stride", True),
+                                         ("guidance_regions", "yes")])
 def test_bad_config_value_is_named(field, value):
     with pytest.raises(ValueError, match=f"{field} must be .*got {value!r}"):
         edm.EDMConfig(**{field: value})

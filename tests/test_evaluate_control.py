@@ -106,9 +106,10 @@ def _stand_in(clips):
     by_wav = {c["wav"].tobytes(): c for c in clips}
     calls = []
 
-    def generate(loaded, *, image, wav, sample_rate, motion, control, seed, steps, guidance, window_stride, **unused):
+    def generate(loaded, *, image, wav, sample_rate, motion, control, seed, steps, guidance, window_stride,
+                 guidance_regions, **unused):
         clip = by_wav[wav.tobytes()]
-        calls.append((control, motion is None, seed, steps, sample_rate, guidance, window_stride))
+        calls.append((control, motion is None, seed, steps, sample_rate, guidance, window_stride, guidance_regions))
         assert np.array_equal(image, clip["frames"][0])
         truth, count = clip["truth"], len(clip["frames"])
         first = {k: np.full(count, truth[k][0]) for k in ("mouth", "eye", "brow", "yaw")}
@@ -130,7 +131,7 @@ def test_run_control_with_an_ideal_model(clips, tmp_path):
     loaded = types.SimpleNamespace(config=configs_demo.get_config(), step=123, model=None)
     generate, calls = _stand_in(clips[:2])
     result = control.run_control(loaded, generate, num_clips=2, steps=3, seed=5, out=str(tmp_path))
-    assert sorted(calls) == sorted((m, m == "audio", 5 + i, 3, 16000, None, None)
+    assert sorted(calls) == sorted((m, m == "audio", 5 + i, 3, 16000, None, None, None)
                                    for m in control_metrics.MODES for i in range(2))
     with open(tmp_path / "control.json") as f:
         stored = json.load(f)
@@ -187,10 +188,13 @@ def test_control_command_writes_into_the_workdir(clips, tmp_path, monkeypatch, c
     monkeypatch.setitem(sys.modules, "actalker_jax.sample", fake)
     monkeypatch.setattr(actalker_jax, "sample", fake, raising=False)
     result = evaluate.main(["control", "--workdir", str(tmp_path), "--num-clips", "1", "--steps", "2", "--seed", "9",
-                            "--guidance", "1", "2.5", "4", "--window-stride", "3"])
+                            "--guidance", "1", "2.5", "4", "--window-stride", "3", "--guidance-regions", "off"])
     assert result["checkpoint_step"] == 42 and sorted(c[:4] + c[5:] for c in calls) == sorted(
-        (m, m == "audio", 9, 2, [1.0, 2.5, 4.0], 3) for m in control_metrics.MODES)
+        (m, m == "audio", 9, 2, [1.0, 2.5, 4.0], 3, False) for m in control_metrics.MODES)
     assert {"control.json", "control.png", "control.md"} <= set(os.listdir(tmp_path))
     assert "| both | +1.000 | +1.000 | +1.000 |" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="evaluate control: --num-clips must be >= 1, got 0"):
         evaluate.main(["control", "--workdir", str(tmp_path), "--num-clips", "0"])
+    with pytest.raises(SystemExit):
+        evaluate.main(["control", "--workdir", str(tmp_path), "--guidance-regions", "maybe"])
+    assert "--guidance-regions: expected on or off, got 'maybe'" in capsys.readouterr().err

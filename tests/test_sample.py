@@ -152,6 +152,55 @@ def test_window_stride(loaded, clip, one_window, monkeypatch):
             run(loaded, clip, WINDOW, window_stride=bad)
 
 
+def test_guidance_regions(loaded, clip, one_window, monkeypatch):
+    """On (the demo config's default): the guidance gets the reference's mouth mask averaged over each 4x4-pixel
+    latent cell; off: no region, other frames, one more trace of the jitted step (another input structure)."""
+    regions = []
+    build = sample.LoadedModel.denoise
+
+    def spy(self):
+        step = build(self)
+
+        def recorded(x, sigma, sigma_next, scales, inputs):
+            regions.append(inputs["guidance_mouth"])
+            return step(x, sigma, sigma_next, scales, inputs)
+        return recorded
+
+    monkeypatch.setattr(sample.LoadedModel, "denoise", spy)
+    assert loaded.config.diffusion.guidance_regions
+    np.testing.assert_array_equal(run(loaded, clip, WINDOW, guidance_regions=True), one_window)
+    mouth = loaded.media.reference(clip["frames"][0]).mask_audio.astype(np.float32)
+    expected = mouth.reshape(8, 4, 8, 4).mean(axis=(1, 3))[None, None, :, :, None]
+    calls = len(regions)      # windows x steps
+    assert calls >= STEPS and 0 < expected.sum() < 64 and expected.max() == 1.0
+    for region in regions:
+        np.testing.assert_array_equal(np.asarray(region), expected)
+    regions.clear()
+    frames = run(loaded, clip, WINDOW, guidance_regions=False)
+    assert regions == [None] * calls and not np.array_equal(frames, one_window) and loaded.traces == 2
+
+
+def test_bench_inputs_match_the_sampler(loaded, clip, monkeypatch):
+    """bench.sample's random static inputs have the keys, ranks and dtypes `generate` gives the sampler."""
+    from actalker_jax.bench.sample import random_inputs
+
+    given = {}
+
+    def capture(loaded, static, *args, **kwargs):
+        given.update(static)
+        raise StopIteration
+
+    monkeypatch.setattr(sample, "_sample_latents", capture)
+    with pytest.raises(StopIteration):
+        run(loaded, clip, WINDOW, guidance_regions=False)
+    bench = random_inputs(loaded.model.config, WINDOW, (8, 8), factor=4)[0]
+    assert set(bench) == set(given)
+    for key, value in given.items():
+        assert (value is None) == (bench[key] is None), key
+        if value is not None:
+            assert np.ndim(bench[key]) == np.ndim(value) and np.asarray(bench[key]).dtype == np.asarray(value).dtype, key
+
+
 def test_motion_control_needs_motion(loaded, clip):
     with pytest.raises(sample.InputError, match="motion: --control motion needs driving motion"):
         run(loaded, clip, WINDOW, control="motion")

@@ -40,7 +40,8 @@ def random_inputs(config: ACTalkerConfig, frames: int, latent: tuple[int, int], 
                   id_embed=rng.standard_normal((1, config.id_dim)).astype(np.float32),
                   face_image=np.zeros((1, *size, 3), np.float32), gates=np.ones((1, 2), np.float32),
                   mask_audio=np.ones((1, *size), np.float32), mask_motion=np.ones((1, *size), np.float32),
-                  added_time_ids=np.asarray([[FPS, 12.0, 20.0]], np.float32))
+                  added_time_ids=np.asarray([[FPS, 12.0, 20.0]], np.float32),
+                  guidance_mouth=None)   # whole-frame guidance, the released sampler's
     static["face_image"][:, size[0] // 4:3 * size[0] // 4, size[1] // 4:3 * size[1] // 4] = 1.0
     audio = rng.standard_normal((frames, config.audio_seq_len, config.audio_blocks, config.audio_channels))
     expression = rng.standard_normal((frames, config.expression_dim))

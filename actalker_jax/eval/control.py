@@ -1,6 +1,7 @@
 """Control benchmark: does audio drive only the mouth and motion only the rest of the face?
 
-    result = run_control(loaded, sample.generate, num_clips=8, steps=25, seed=0, out=DIR, guidance=None)
+    result = run_control(loaded, sample.generate, num_clips=8, steps=25, seed=0, out=DIR, guidance=None,
+                         window_stride=None, guidance_regions=None)
 
 Held-out clips: clip i is `synthetic.generate_clip(config.seed, HELD_OUT_START + i, config.synthetic_frames,
 config.media.image_size, config.media.fps)`. Training uses indices 0 .. config.synthetic_clips - 1 of the same
@@ -62,11 +63,13 @@ def _aligned(frames: np.ndarray, clip: dict, where: str) -> tuple[np.ndarray, di
 
 
 def run_control(loaded, generate, *, num_clips: int, steps: int = 25, seed: int = 0, out: str,
-                guidance: tuple[float, float, float] | None = None, window_stride: int | None = None) -> dict:
+                guidance: tuple[float, float, float] | None = None, window_stride: int | None = None,
+                guidance_regions: bool | None = None) -> dict:
     """Generates, measures and writes control.json / control.png / control.md into `out`; returns control.json.
 
     guidance: (appearance, audio, motion) scales for `generate`; window_stride: output frames between a sampling
-    window's frames; None: the checkpoint config's `diffusion` values.
+    window's frames; guidance_regions: audio guidance in the mouth region only and motion guidance outside it;
+    None: the checkpoint config's `diffusion` values.
     """
     clips = held_out_clips(loaded.config, num_clips)
     curves, modes = {}, {}
@@ -75,7 +78,8 @@ def run_control(loaded, generate, *, num_clips: int, steps: int = 25, seed: int 
         for i, clip in enumerate(clips):
             frames = generate(loaded, image=clip["frames"][0], wav=clip["wav"], sample_rate=synthetic.SAMPLE_RATE,
                               motion=None if mode == "audio" else motion_features(clip), control=mode,
-                              seed=seed + i, steps=steps, guidance=guidance, window_stride=window_stride)
+                              seed=seed + i, steps=steps, guidance=guidance, window_stride=window_stride,
+                              guidance_regions=guidance_regions)
             frames, truth = _aligned(frames, clip, f"mode {mode}, held-out clip {i}")
             measured = control_metrics.fit_motion(frames, clip["appearance"])
             scores.append(control_metrics.clip_scores(measured, truth))
