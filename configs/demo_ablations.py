@@ -18,10 +18,11 @@ the whole clip brings it to 0.97 / 0.97 at a higher step cost; without mask-drop
 less (0.87 / 0.86 against 0.94 / 0.92) and the yaw less (0.76 / 0.68). With fixed gates (both signals in every sample)
 the motion comes fastest (eyes 0.53 / 0.41, yaw 0.97 / 0.98) and audio-only control still works (0.93). These rows
 were measured when the demo sampled the gates with (0.5, 0.25, 0.25), trained at stride 2 and sampled with motion
-guidance 3 over consecutive frames (add `'--config.train.gate_probs=(0.5,0.25,0.25)' --config.data.max_stride=2
---config.diffusion.guidance_motion=3.0 --config.diffusion.window_stride=1` to reproduce them); the demo now samples
-(0.8, 0.1, 0.1), trains at stride 3 and samples with motion guidance 6 and window stride 3 (docs/benchmarks.md, "Gate
-probabilities", "Training window stride", "Sampling at the training frame spacing"). The older
+guidance 3 over consecutive frames on the whole frame (add `'--config.train.gate_probs=(0.5,0.25,0.25)'
+--config.data.max_stride=2 --config.diffusion.guidance_motion=3.0 --config.diffusion.window_stride=1
+--config.diffusion.guidance_regions=False` to reproduce them); the demo now samples (0.8, 0.1, 0.1), trains at stride
+3 for 1600 steps and samples with motion guidance 6, window stride 3 and region guidance (docs/benchmarks.md, "Gate
+probabilities", "Training window stride", "Sampling at the training frame spacing", "Region guidance"). The older
 table at 500 steps ("Control vs training steps") was measured on the demo with SVD's EDM prior (rerun that base with
 the overrides above and `--config.diffusion.center=zero --config.diffusion.sigma_data=1.0
 --config.diffusion.guidance_audio=7.5`).
