@@ -21,8 +21,8 @@ v-prediction, start latent_scale·E(ref) + σ_0·ε; one model call per window o
 (s1, s2, s3) = config.diffusion's guidance scales (spec and SVD configs 2.0, 7.5, 3.0; the demo 2.0, 3.0, 6.0) unless
 `guidance` is given. Region guidance (config.diffusion.guidance_regions, `--guidance-regions on|off`; off = the
 released sampler, on = the demo): the audio term only inside the reference's mouth region (the "regions" audio
-mask, whatever `masks` is, averaged over each latent cell) and the motion term only outside it. Gates from the control: audio (1, 0), motion (0, 1), both (1, 1); masks "regions" (mouth /
-face minus mouth) or "official".
+mask, whatever `masks` is, averaged over each latent cell) and the motion term only outside it. Gates from the
+control: audio (1, 0), motion (0, 1), both (1, 1); masks "regions" (mouth / face minus mouth) or "official".
 added_time_ids = [fps / s, 12, 20] as the released inference (s = window stride, below; 1 there).
 
 Long audio: the latent buffer holds T + W frames (W = window = min(25, config.data.n_frames): 25 for SVD-xt,
@@ -300,7 +300,8 @@ def generate(loaded: LoadedModel, *, image: np.ndarray, wav: np.ndarray, sample_
     (appearance, audio, motion), default config.diffusion's; window_stride: output frames between a sampling
     window's frames, default config.diffusion's (module doc); guidance_regions: audio guidance inside the mouth
     region and motion guidance outside it (module doc), default config.diffusion's; face_box / mouth_box
-    (x0, y0, x1, y1) pixels of `image` override detection. Same inputs and seed -> identical frames. Raises InputError naming the input.
+    (x0, y0, x1, y1) pixels of `image` override detection. Same inputs and seed -> identical frames. Raises
+    InputError naming the input.
     """
     if control not in CONTROLS:
         raise InputError("control", f"must be one of {tuple(CONTROLS)}, got {control!r}")

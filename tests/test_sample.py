@@ -92,6 +92,21 @@ def run(loaded, clip, frames, **kw):
                            sample_rate=synthetic.SAMPLE_RATE, **kw)
 
 
+def record_step_inputs(monkeypatch, record) -> None:
+    """Patches `LoadedModel.denoise` so that every window call first hands its inputs dict to `record`."""
+    build = sample.LoadedModel.denoise
+
+    def spy(self):
+        step = build(self)
+
+        def recorded(x, sigma, sigma_next, scales, inputs):
+            record(inputs)
+            return step(x, sigma, sigma_next, scales, inputs)
+        return recorded
+
+    monkeypatch.setattr(sample.LoadedModel, "denoise", spy)
+
+
 @pytest.fixture(scope="session")
 def one_window(loaded, clip):
     return run(loaded, clip, WINDOW)
@@ -133,17 +148,7 @@ def test_window_stride(loaded, clip, one_window, monkeypatch):
     """Stride 2: each window's frames are 2 apart, the fps id is fps / 2, the jitted step is reused; bad strides name
     the argument."""
     calls = []
-    build = sample.LoadedModel.denoise
-
-    def spy(self):
-        step = build(self)
-
-        def recorded(x, sigma, sigma_next, scales, inputs):
-            calls.append(float(np.asarray(inputs["added_time_ids"])[0, 0]))
-            return step(x, sigma, sigma_next, scales, inputs)
-        return recorded
-
-    monkeypatch.setattr(sample.LoadedModel, "denoise", spy)
+    record_step_inputs(monkeypatch, lambda inputs: calls.append(float(np.asarray(inputs["added_time_ids"])[0, 0])))
     frames = run(loaded, clip, WINDOW, window_stride=2)
     assert frames.shape == one_window.shape and not np.array_equal(frames, one_window)
     assert calls == [loaded.media.fps / 2] * (2 * STEPS) and loaded.traces == 1   # 2 interleaved windows a step
@@ -156,17 +161,7 @@ def test_guidance_regions(loaded, clip, one_window, monkeypatch):
     """On (the demo config's default): the guidance gets the reference's mouth mask averaged over each 4x4-pixel
     latent cell; off: no region, other frames, one more trace of the jitted step (another input structure)."""
     regions = []
-    build = sample.LoadedModel.denoise
-
-    def spy(self):
-        step = build(self)
-
-        def recorded(x, sigma, sigma_next, scales, inputs):
-            regions.append(inputs["guidance_mouth"])
-            return step(x, sigma, sigma_next, scales, inputs)
-        return recorded
-
-    monkeypatch.setattr(sample.LoadedModel, "denoise", spy)
+    record_step_inputs(monkeypatch, lambda inputs: regions.append(inputs["guidance_mouth"]))
     assert loaded.config.diffusion.guidance_regions
     np.testing.assert_array_equal(run(loaded, clip, WINDOW, guidance_regions=True), one_window)
     mouth = loaded.media.reference(clip["frames"][0]).mask_audio.astype(np.float32)
